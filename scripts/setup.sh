@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create/update .venv with everything bunny needs. Idempotent: a second run installs nothing new.
+# torch is pinned and installed FIRST: torch==2.13.0 resolves to the CPU build here, while an
+# unpinned torch pulled in by another package would fetch GBs of CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+VPY=.venv/bin/python
+stamp=.venv/.bunny-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)
+if [ -f "$stamp" ]; then exit 0; fi
+$VPY -m pip install -q --upgrade pip
+$VPY -m pip install -q "torch==2.13.0"
+$VPY -m pip install -q -e ".[serve,ray,dev]"
+# DeepSpeed builds against the installed torch: no build isolation, or pip would fetch another torch.
+$VPY -m pip install -q --no-build-isolation "deepspeed>=0.15" || echo "warning: deepspeed did not install; ZeRO paths will be skipped" >&2
+rm -f .venv/.bunny-setup-*
+touch "$stamp"
