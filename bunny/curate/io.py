@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-CHUNK_ROWS = 65_536  # rows read at once inside a shard: bounds memory whatever the shard size
+CHUNK_ROWS = 16_384  # rows read at once inside a shard: bounds memory whatever the shard size
 IMAGE_COLUMNS = ("image", "image_path")  # metadata columns that name the image file, first found wins
 
 

@@ -1,0 +1,209 @@
+"""A small Qwen2-style causal LM trained from scratch on the world's text, saved as a Hugging Face
+folder (``AutoModelForCausalLM.from_pretrained`` loads it, tokenizer and generation config beside).
+
+What it must learn (the issue's measured warning): a frozen from-scratch LM that never learned to
+answer from a description in its context cannot be taught to answer from image tokens either. So the
+text it trains on is the instruction data's own conversations, in the same `bunny` chat format,
+with the scene's description where the image will be::
+
+    <system> USER: There are two objects on a sand background: a large red circle at the top left
+    and ... \nWhat color is the circle?\nAnswer the question using a single word or phrase.
+    ASSISTANT: red<|endoftext|>USER: Where is ...? ASSISTANT: top left<|endoftext|>
+
+plus text-only conversations (arithmetic, repeating, reversing, translating) and `plain` pairs
+(description, then a caption), like stage 1. Only replies (and their end token) carry loss, as in
+stage 2; plain pairs carry loss on the caption. Stage 2 then only has to teach it to read the image
+tokens instead of the description.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bunny.backbones.tokenizer import EOS, SYSTEM
+from bunny.data.synthetic.instruct import conversation, text_conversation
+from bunny.data.synthetic.scenes import caption, description, sample_scene
+
+
+@dataclass
+class LMSettings:
+    hidden_size: int = 192
+    layers: int = 4
+    heads: int = 4
+    intermediate_size: int = 512
+    max_positions: int = 512
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 30
+    weight_decay: float = 0.01
+    turns: int = 6  # question/answer turns per description (more supervised tokens per sequence)
+    text_share: float = 0.1
+    plain_share: float = 0.1
+    caption_as_context: float = 0.3  # share of conversations whose context is a caption, not the description
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------- corpus
+def render_bunny(conv: list[dict]) -> list[tuple[str, bool]]:
+    """A LLaVA conversation in the `bunny` template as (text, carries_loss) pieces:
+    ``SYSTEM USER: q ASSISTANT: a<eos>USER: q2 ASSISTANT: a2<eos>`` (Bunny's conv_bunny)."""
+    pieces = [(SYSTEM + " ", False)]
+    for turn in conv:
+        if turn["from"] == "human":
+            pieces.append((f"USER: {turn['value']} ASSISTANT:", False))
+        else:
+            pieces.append((" " + turn["value"] + EOS, True))
+    return pieces
+
+
+def lm_example(rng: np.random.Generator, s: LMSettings) -> list[tuple[str, bool]]:
+    r = rng.random()
+    if r < s.text_share:
+        return render_bunny(text_conversation(rng))
+    scene = sample_scene(rng)
+    context = caption(scene, rng) if rng.random() < s.caption_as_context else description(scene)
+    if r < s.text_share + s.plain_share:
+        # like stage 1's `plain` template: the image (here its description), then the caption
+        return [(context + "\n", False), (caption(scene, rng) + "\n", True)]
+    kind = "multi" if rng.random() < 0.6 else ("short", "yesno", "mc", "describe", "caption")[int(rng.integers(5))]
+    conv = conversation(kind, scene, rng, image=context)
+    if kind == "multi":  # lengthen: more answers per context
+        while len(conv) < 2 * s.turns:
+            extra = conversation("short" if rng.random() < 0.65 else "yesno", scene, rng, image="")
+            conv += [{"from": "human", "value": extra[0]["value"].lstrip("\n")}, extra[1]]
+    return render_bunny(conv)
+
+
+def encode_pieces(tok, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """input ids and labels (-100 where no loss), built piece by piece."""
+    ids, labels = [], []
+    for text, loss in pieces:
+        t = tok(text, add_special_tokens=False)["input_ids"]
+        ids += t
+        labels += t if loss else [-100] * len(t)
+    return ids, labels
+
+
+def batches(tok, rng: np.random.Generator, s: LMSettings, n_batches: int):
+    pad = tok.pad_token_id
+    for _ in range(n_batches):
+        rows = [encode_pieces(tok, lm_example(rng, s)) for _ in range(s.batch_size)]
+        width = min(s.max_positions, max(len(r[0]) for r in rows))
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        lab = torch.full((len(rows), width), -100, dtype=torch.long)
+        att = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (a, b) in enumerate(rows):
+            a, b = a[:width], b[:width]
+            ids[i, : len(a)] = torch.tensor(a)
+            lab[i, : len(b)] = torch.tensor(b)
+            att[i, : len(a)] = 1
+        yield ids, att, lab
+
+
+# ---------------------------------------------------------------------------------------- model
+def build_model(tok, s: LMSettings):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=s.hidden_size,
+        intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.heads,
+        max_position_embeddings=s.max_positions,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(s.seed)
+    return Qwen2ForCausalLM(cfg)
+
+
+def lr_at(step: int, s: LMSettings) -> float:
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    p = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+@torch.no_grad()
+def probe(model, tok, rng: np.random.Generator, n: int = 300) -> dict[str, float]:
+    """Exact-match accuracy of greedy replies to held-out questions about a description in context,
+    per question family (teacher-forced argmax over the whole reply and its end token, which equals
+    greedy decoding)."""
+    from bunny.data.synthetic.questions import SHORT_FAMILIES, SHORT_SUFFIX, ask
+
+    model.eval()
+    fams = list(SHORT_FAMILIES) + ["exists", "relation", "color_yn", "count_yn"]
+    right: dict[str, list[int]] = {f: [] for f in fams}
+    for i in range(n):
+        fam = fams[i % len(fams)]
+        scene = sample_scene(rng)
+        qa = ask(fam, scene, rng)
+        if qa is None:
+            continue
+        suffix = SHORT_SUFFIX if fam in SHORT_FAMILIES or rng.random() < 0.5 else " Please answer yes or no."
+        conv = [{"from": "human", "value": f"{description(scene)}\n{qa.question}{suffix}"},
+                {"from": "gpt", "value": qa.answer}]
+        ids, labels = encode_pieces(tok, render_bunny(conv))
+        x = torch.tensor([ids])
+        logits = model(input_ids=x).logits[0, :-1]
+        tgt = torch.tensor(labels[1:])
+        m = tgt != -100
+        right[fam].append(int((logits[m].argmax(-1) == tgt[m]).all()))
+    model.train()
+    acc = {f: float(np.mean(v)) for f, v in right.items() if v}
+    acc["mean"] = float(np.mean(list(acc.values())))
+    return acc
+
+
+def train_language(tok, out_dir: str | Path, s: LMSettings, log=print) -> dict:
+    """Train the LM, save it (with ``tok``) to ``out_dir``; returns measured figures."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = build_model(tok, s)
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.98))
+    rng = np.random.default_rng(s.seed)
+    t0 = time.perf_counter()
+    losses = []
+    model.train()
+    for step, (ids, att, lab) in enumerate(batches(tok, rng, s, s.steps)):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, s)
+        loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if log and (step % 50 == 0 or step == s.steps - 1):
+            log(f"  lm step {step:4d}/{s.steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
+    seconds = time.perf_counter() - t0
+    acc = probe(model, tok, np.random.default_rng(s.seed + 10_000))
+    out = Path(out_dir)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {
+        "params": n_params,
+        "seconds": round(seconds, 1),
+        "loss_first": round(float(np.mean(losses[:10])), 4),
+        "loss_last": round(float(np.mean(losses[-10:])), 4),
+        "losses": [round(x, 4) for x in losses],
+        "probe": {k: round(v, 3) for k, v in acc.items()},
+        "settings": asdict(s),
+    }

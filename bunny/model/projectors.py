@@ -1,0 +1,144 @@
+"""Projectors: vision features [B, N, Cv] -> LLM embeddings [B, N', Ct].
+
+Names (exact, or one of the parameterised forms below):
+
+* ``linear``: one ``nn.Linear(Cv, Ct)`` (state-dict keys ``weight``/``bias``, as in Bunny/LLaVA).
+* ``mlp{N}x_gelu`` for any N >= 1: ``Linear(Cv, Ct)`` then N-1 times ``GELU, Linear(Ct, Ct)``, an
+  ``nn.Sequential`` so the keys are ``0.*``, ``2.*``, ... exactly like the released checkpoints
+  (``mlp2x_gelu`` is Bunny's default).
+* ``identity``: no parameters; needs Cv == Ct.
+* ``avgpool2x2_{inner}``: 2x2 average pooling over the patch grid, then the ``inner`` projector
+  (e.g. ``avgpool2x2_mlp2x_gelu``); keys are the inner projector's. The N tokens must form a square
+  grid (a CLS token kept with ``feature_select="full"`` is an error). An odd side g is pooled with
+  ``ceil_mode``: the last row/column windows average the 1 or 2 cells that exist (no zero padding
+  enters the mean), giving ceil(g/2)^2 tokens (SigLIP's 27x27 -> 14x14 = 196).
+
+Every projector exposes ``num_output_tokens(n_in)``; ``projector_num_tokens(name, n_in)`` answers the
+same question from the name alone (the config uses it to derive ``num_image_tokens``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bunny.registry import Registry, UnknownNameError
+
+ProjectorFactory = Callable[[int, int], nn.Module]
+
+#: exact names -> factory(vision_dim, text_dim)
+PROJECTORS: Registry[ProjectorFactory] = Registry("projector")
+
+_MLP = re.compile(r"^mlp(\d+)x_gelu$")
+_POOL = re.compile(r"^avgpool2x2_(.+)$")
+#: documentation of the parameterised names, listed in unknown-name errors
+PATTERNS = ("mlp{N}x_gelu", "avgpool2x2_{projector}")
+
+
+class ProjectorMixin:
+    """Shared by every projector: optional 2x2 token pooling before the layers, and token counting."""
+
+    pool_2x2: bool = False
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return avg_pool_tokens(x) if self.pool_2x2 else x
+
+    def num_output_tokens(self, n_in: int) -> int:
+        return pooled_tokens(n_in) if self.pool_2x2 else n_in
+
+
+class LinearProjector(ProjectorMixin, nn.Linear):
+    def __init__(self, vision_dim: int, text_dim: int):
+        super().__init__(vision_dim, text_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.pool(x))
+
+
+class MLPProjector(ProjectorMixin, nn.Sequential):
+    """Linear(Cv, Ct) [GELU, Linear(Ct, Ct)] * (depth - 1)."""
+
+    def __init__(self, vision_dim: int, text_dim: int, depth: int = 2):
+        if depth < 1:
+            raise ValueError(f"mlp depth must be >= 1, got {depth}")
+        layers: list[nn.Module] = [nn.Linear(vision_dim, text_dim)]
+        for _ in range(depth - 1):
+            layers += [nn.GELU(), nn.Linear(text_dim, text_dim)]
+        super().__init__(*layers)
+        self.depth = depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.pool(x))
+
+
+class IdentityProjector(ProjectorMixin, nn.Module):
+    def __init__(self, vision_dim: int, text_dim: int):
+        super().__init__()
+        if vision_dim != text_dim:
+            raise ValueError(
+                f"the identity projector needs equal vision and text widths, got vision {vision_dim} "
+                f"and text {text_dim}; use 'linear' or 'mlp2x_gelu'"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(x)
+
+
+def pooled_tokens(n_in: int) -> int:
+    """Token count after 2x2 average pooling of a square grid of ``n_in`` tokens (ceil on odd sides)."""
+    side = math.isqrt(n_in)
+    if side * side != n_in:
+        raise ValueError(
+            f"2x2 pooling needs a square grid of image tokens, got {n_in} (is a CLS token kept? "
+            f"use vision_feature_select='patch')"
+        )
+    return ((side + 1) // 2) ** 2
+
+
+def avg_pool_tokens(x: torch.Tensor) -> torch.Tensor:
+    """[B, g*g, C] -> [B, ceil(g/2)^2, C] by 2x2 average pooling over the grid (ceil mode)."""
+    b, n, c = x.shape
+    pooled_tokens(n)  # validates the grid
+    side = math.isqrt(n)
+    grid = x.transpose(1, 2).reshape(b, c, side, side)
+    grid = F.avg_pool2d(grid, kernel_size=2, stride=2, ceil_mode=True)
+    return grid.flatten(2).transpose(1, 2)
+
+
+PROJECTORS.register("linear", LinearProjector)
+PROJECTORS.register("identity", IdentityProjector)
+
+
+def _unknown(name: str) -> UnknownNameError:
+    return UnknownNameError(
+        f"unknown projector {name!r}; known: {', '.join(PROJECTORS.names())}, and the forms {', '.join(PATTERNS)}"
+    )
+
+
+def build_projector(name: str, vision_dim: int, text_dim: int) -> nn.Module:
+    """Build the projector called ``name`` (see the module docstring for the names)."""
+    if name in PROJECTORS:
+        return PROJECTORS.get(name)(vision_dim, text_dim)
+    if m := _MLP.match(name):
+        return MLPProjector(vision_dim, text_dim, depth=int(m.group(1)))
+    if m := _POOL.match(name):
+        inner = build_projector(m.group(1), vision_dim, text_dim)
+        if not isinstance(inner, ProjectorMixin) or inner.pool_2x2:
+            raise ValueError(f"projector {name!r}: {m.group(1)!r} cannot be pooled")
+        inner.pool_2x2 = True
+        return inner
+    raise _unknown(name)
+
+
+def projector_num_tokens(name: str, n_in: int) -> int:
+    """How many tokens the projector ``name`` turns ``n_in`` image tokens into (no module is built)."""
+    if name in PROJECTORS or _MLP.match(name):
+        return n_in
+    if m := _POOL.match(name):
+        return projector_num_tokens(m.group(1), pooled_tokens(n_in))
+    raise _unknown(name)

@@ -1,0 +1,254 @@
+"""The training config: one dataclass, read from YAML plus ``key=value`` overrides.
+
+Keys are flat (``learning_rate=2e-4``, ``output_dir=runs/x``) except the ``lora`` section
+(``lora.r=64``), so a command line reads like the original LLaVA/Bunny scripts. Every key is
+documented here; ``bunny train CONFIG --help`` does not list them, this file and docs/training.md do.
+
+Validation happens before anything heavy is built: an unknown key names every known one, a wrong
+type names the field, a missing data file or image folder names the path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from bunny.config import ConfigError, load_config, to_dict
+
+__all__ = ["LoraSection", "TinyBackbones", "TrainConfig", "load_train_config", "ConfigError", "to_dict"]
+
+
+@dataclass
+class LoraSection:
+    """LoRA on the language model (stage 2). ``targets: all-linear`` = every ``nn.Linear`` of the LLM
+    except ``lm_head`` (the paper's choice); or a list of module leaf names (``[q_proj, v_proj]``)."""
+
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    targets: str | list[str] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"lora.r must be positive, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            raise ValueError(f"lora.targets: 'all-linear' or a list of module names, got {self.targets!r}")
+
+
+@dataclass
+class TinyBackbones:
+    """Randomly initialised tiny backbones (examples, tests, benchmarks): no download needed.
+
+    ``vision`` and ``text`` are keyword overrides for the tiny vision/text configs (e.g.
+    ``{hidden_size: 64, num_hidden_layers: 2}``); ``llm_family`` picks the text model class.
+    """
+
+    vision_encoder: str = "siglip"
+    llm_family: str = "qwen2"
+    vision: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    # ---- what to train -------------------------------------------------------------------------
+    stage: Literal["pretrain", "finetune"] = "pretrain"
+    """pretrain = stage 1 (alignment: only the projector trains); finetune = stage 2 (instruction)."""
+    tune: Literal["projector", "lora", "full"] | None = None
+    """What trains in the LLM: projector only (default for pretrain), lora (default for finetune), full."""
+    output_dir: Path = Path("runs/train")
+
+    # ---- the model -----------------------------------------------------------------------------
+    model_name_or_path: Path | None = None
+    """Start from a complete bunny model folder (overrides vision_tower/language_model)."""
+    vision_tower: str | None = None
+    """Vision encoder checkpoint: a local folder or a hub id (google/siglip-so400m-patch14-384)."""
+    vision_encoder: str | None = None
+    """Registry name of the encoder family (siglip, clip, eva_clip); inferred from the checkpoint if null."""
+    language_model: str | None = None
+    """LLM checkpoint: a local folder or a hub id (microsoft/phi-2)."""
+    llm_family: str | None = None
+    """Registry name of the LLM family (phi2, phi3, llama3, qwen2, ...); inferred if null."""
+    tiny: TinyBackbones | None = None
+    """Random tiny backbones instead of vision_tower/language_model (see TinyBackbones)."""
+    projector_type: str = "mlp2x_gelu"
+    projector_from: Path | None = None
+    """Stage-1 output_dir (or its final/ folder, or an mm_projector.safetensors file): the projector to
+    start from. When no backbones are named, the stage-1 model folder is the whole starting point."""
+    vision_feature_layer: int = -2
+    s2_scales: list[int] | None = None
+    """S^2 multi-scale (v1.1 models): e.g. [384, 768, 1152]."""
+    image_aspect_ratio: Literal["pad", "square"] | None = None
+    """Image preprocessing: square (plain resize; default for pretrain) or pad (default for finetune)."""
+    template: str | None = None
+    """Chat template: plain (default for pretrain) or the LLM family's (bunny, phi3, llama3, ...)."""
+    attn_implementation: str | None = None
+    """sdpa (default), eager, flash_attention_2."""
+    trust_remote_code: bool = False
+
+    # ---- data ----------------------------------------------------------------------------------
+    data_path: list[Path] | Path | None = None
+    """LLaVA JSON list or JSONL file(s)."""
+    image_folder: Path | None = None
+    model_max_length: int = 2048
+    on_bad_sample: Literal["error", "skip"] = "error"
+    group_by_modality_length: bool = True
+    group_by_length: bool = True
+    packing: bool = False
+    """Padding-free packing of several samples per row (attention kept inside each sample)."""
+    dataloader_num_workers: int = 0
+    max_samples: int | None = None
+    """Use only the first N samples (quick runs)."""
+
+    # ---- optimisation --------------------------------------------------------------------------
+    learning_rate: float = 2e-4
+    mm_projector_lr: float | None = None
+    """Projector lr when the LLM also trains (stage 2); null = learning_rate."""
+    vision_tower_lr: float | None = None
+    unfreeze_vision_tower: bool = False
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    """Optimizer steps to run; -1 = num_train_epochs over the data."""
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int | None = None
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all processes; sets gradient_accumulation_steps from the world
+    size (so 1 process and 8 processes train the same recipe). Give one of the two."""
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    warmup_steps: int | None = None
+    max_grad_norm: float = 1.0
+    bf16: bool | Literal["auto"] = "auto"
+    """bf16 autocast (weights stay fp32 for trainable parts). auto = on with CUDA, off on CPU."""
+    gradient_checkpointing: bool = False
+    lora: LoraSection = field(default_factory=LoraSection)
+    bits: Literal[4, 8, 16] = 16
+    """QLoRA: 4 or 8-bit base LLM through bitsandbytes (CUDA only)."""
+    feature_cache: Path | None = None
+    """Stage 1 only: folder for the frozen encoder's outputs, computed once and reused across
+    epochs and runs (keyed by the encoder's weights and the preprocessing)."""
+    loss_on_supervised_only: bool = True
+    """Apply lm_head only at positions that carry a label (same loss, far less memory/compute)."""
+    seed: int = 42
+
+    # ---- scale-out -----------------------------------------------------------------------------
+    distributed: Literal["auto", "none", "ddp", "deepspeed", "fsdp"] = "auto"
+    """auto = DDP when launched by torchrun with more than one process, else none."""
+    deepspeed: Path | None = None
+    """A DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json); implies distributed=deepspeed."""
+    device: str | None = None
+    """cuda / cpu; null = cuda when available."""
+
+    # ---- logging and checkpoints ---------------------------------------------------------------
+    logging_steps: int = 1
+    save_steps: int = 500
+    """Checkpoint every N optimizer steps (0 = only at the end)."""
+    save_total_limit: int = 2
+    resume: bool | Literal["auto"] | Path = False
+    """true/auto = resume from the newest checkpoint in output_dir (auto: if one exists); or a path."""
+    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    """jsonl is always written; tensorboard when the package is installed."""
+    progress_bar: bool = True
+    save_merged: bool = False
+    """LoRA runs: also write final_merged/ (the LoRA merged into the base)."""
+    stop_after_steps: int | None = None
+    """Exit (as if killed) after this many steps: for tests of resume."""
+
+    def __post_init__(self) -> None:
+        if self.tune is None:
+            self.tune = "projector" if self.stage == "pretrain" else "lora"
+        if self.template is None and self.stage == "pretrain":
+            self.template = "plain"
+        if self.image_aspect_ratio is None:
+            self.image_aspect_ratio = "square" if self.stage == "pretrain" else "pad"
+        if self.deepspeed is not None and self.distributed == "auto":
+            self.distributed = "deepspeed"
+        if self.distributed == "deepspeed" and self.deepspeed is None:
+            raise ValueError("distributed: deepspeed needs deepspeed: <path to a DeepSpeed JSON config>")
+        if self.per_device_train_batch_size <= 0:
+            raise ValueError("per_device_train_batch_size must be positive")
+        if self.gradient_accumulation_steps is not None and self.global_batch_size is not None:
+            raise ValueError("give gradient_accumulation_steps or global_batch_size, not both")
+        if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps <= 0:
+            raise ValueError("gradient_accumulation_steps must be positive")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.learning_rate <= 0:
+            raise ValueError("learning_rate must be positive")
+        if self.bits != 16 and self.tune != "lora":
+            raise ValueError("bits 4/8 (QLoRA) needs tune: lora")
+        if self.feature_cache is not None and (self.tune != "projector" or self.unfreeze_vision_tower):
+            raise ValueError("feature_cache needs a frozen vision tower (stage 1, tune: projector)")
+        if self.save_total_limit < 1:
+            raise ValueError("save_total_limit must be at least 1")
+        if isinstance(self.data_path, Path):
+            self.data_path = [self.data_path]
+
+    # -------------------------------------------------------------------------------------------
+    def grad_accum(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each process."""
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps or 1
+        per_step = self.per_device_train_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of "
+                f"per_device_train_batch_size {self.per_device_train_batch_size} x {world_size} process(es)"
+            )
+        return self.global_batch_size // per_step
+
+    def check_paths(self) -> None:
+        """Fail early, naming the path, when an input file or folder is missing."""
+        problems = []
+        for p in self.data_path or []:
+            if not Path(p).is_file():
+                problems.append(f"data_path: file not found: {p}")
+        if not self.data_path:
+            problems.append("data_path: required (a LLaVA JSON/JSONL file)")
+        if self.image_folder is not None and not Path(self.image_folder).is_dir():
+            problems.append(f"image_folder: folder not found: {self.image_folder}")
+        if self.model_name_or_path is not None and not Path(self.model_name_or_path).exists():
+            problems.append(f"model_name_or_path: not found: {self.model_name_or_path}")
+        if self.projector_from is not None and not Path(self.projector_from).exists():
+            problems.append(f"projector_from: not found: {self.projector_from}")
+        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
+            problems.append(f"deepspeed: file not found: {self.deepspeed}")
+        for key in ("vision_tower", "language_model"):
+            value = getattr(self, key)
+            # A value that looks like a local path must exist; otherwise it is a hub id.
+            if value and (value.startswith((".", "/", "~")) or Path(value).exists()):
+                if not Path(value).expanduser().exists():
+                    problems.append(f"{key}: folder not found: {value}")
+        if (
+            self.model_name_or_path is None
+            and self.tiny is None
+            and self.projector_from is None
+            and not (self.vision_tower and self.language_model)
+        ):
+            problems.append(
+                "the model: give model_name_or_path, or vision_tower + language_model, or tiny: {...}, "
+                "or (stage 2) projector_from: <a stage-1 output_dir>"
+            )
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a training config (YAML + ``key=value`` overrides) and check its paths."""
+    cfg = load_config(TrainConfig, path, overrides)
+    cfg.check_paths()
+    return cfg
+
+
+def known_keys() -> list[str]:
+    return sorted(f.name for f in dataclasses.fields(TrainConfig))
