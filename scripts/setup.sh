@@ -7,6 +7,16 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 VPY=.venv/bin/python
+# Chromium for the web-page test (tests/test_web.py): Playwright drives Debian's package, because
+# `playwright install` downloads a browser build, which cannot work offline. Only when missing.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium fonts-liberation >/dev/null; } || echo "warning: chromium did not install; the browser test will be skipped" >&2
+  else
+    echo "warning: chromium is missing (install it as root: apt-get install chromium); the browser test will be skipped" >&2
+  fi
+fi
 stamp=.venv/.bunny-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)
 if [ -f "$stamp" ]; then exit 0; fi
 $VPY -m pip install -q --upgrade pip

@@ -237,14 +237,13 @@ def test_gqa_exact_match_after_rstrip_and_lower(tmp_path):
 
 # ---- VQAv2 -------------------------------------------------------------------------------------------
 def official_vqa_accuracy(res_ans, gt_answers):
-    """The official vqaEval.py loop, written out literally for comparison."""
-    gts = [{"answer": a.replace("\n", " ").replace("\t", " ").strip(), "answer_id": i + 1}
-           for i, a in enumerate(gt_answers)]
+    """GT-Vision-Lab's vqaEval.py loop, written out literally for comparison."""
+    gts = [{"answer": a, "answer_id": i + 1} for i, a in enumerate(gt_answers)]
     res = res_ans.replace("\n", " ").replace("\t", " ").strip()
+    res = process_digit_article(process_punctuation(res))
     if len({g["answer"] for g in gts}) > 1:
         for g in gts:
-            g["answer"] = process_digit_article(process_punctuation(g["answer"]))
-        res = process_digit_article(process_punctuation(res))
+            g["answer"] = process_punctuation(g["answer"])
     accs = []
     for g in gts:
         others = [x for x in gts if x != g]
@@ -267,7 +266,8 @@ def test_evalai_processor():
 
 def test_vqa_accuracy_matches_the_official_loop():
     rng = random.Random(0)
-    pool = ["2", "two", "yes", "no", "the dog", "dog", "red", "Red.", "1,000", "1000", "a cat", "cat"]
+    pool = ["2", "two", "yes", "no", "the dog", "dog", "red", "Red.", "1,000", "1000", "a cat", "cat", "hot-dog",
+            "hot dog", "t-shirt", "don't know", "dont know"]
     for _ in range(300):
         gts = [rng.choice(pool) for _ in range(10)]
         pred = evalai_answer(rng.choice(pool))
@@ -632,3 +632,96 @@ def test_unknown_option_is_an_error(tmp_path):
     make_pope(tmp_path)
     with pytest.raises(EvalDataError, match="unknown option"):
         build_task("pope", tmp_path, lenient=True)
+
+
+# ---- rules found by reading the official scripts literally ---------------------------------------------
+def test_vqav2_official_normalises_only_the_prediction_fully():
+    # GT-Vision-Lab vqaEval.py: human answers get only the punctuation step (and only when they
+    # differ); digits and articles are normalised on the prediction side alone.
+    assert vqa_accuracy(evalai_answer("two"), ["2"] * 10) == pytest.approx(1.0)
+    assert vqa_accuracy(evalai_answer("two"), ["two"] * 10) == 0.0  # prediction "2" vs unprocessed "two"
+    # three humans wrote "the dog": their article stays, the prediction loses it -> no match
+    assert vqa_accuracy(evalai_answer("The dog"), ["the dog"] * 3 + ["cat"] * 7) == 0.0
+    # punctuation is processed on both sides when the humans differ: "hot-dog" -> "hot dog"
+    assert vqa_accuracy(evalai_answer("hot dog"), ["hot-dog"] * 2 + ["bun"] * 8) == pytest.approx(0.6)
+    assert vqa_accuracy(evalai_answer(""), ["yes"] * 10) == 0.0
+
+
+def test_mmbench_rotate_adds_circular_copies_to_a_legacy_tsv(tmp_path):
+    # a legacy TSV: each question once; --option mmbench.circular=rotate asks every rotation too
+    rows = [r for r in mmbench_rows() if r["index"] < 1_000_000]
+    rows[1]["image"] = base64.b64encode(png()).decode()  # question 8 carries its own image here
+    mmbench_tsv(tmp_path, rows, name="MMBench_DEV_EN_legacy.tsv")
+    assert [d.question_id for d in build_task("mmbench", tmp_path).docs()] == [7, 8]
+    task = build_task("mmbench", tmp_path, circular="rotate")
+    docs = {d.question_id: d for d in task.docs()}
+    assert list(docs) == [7, 1000007, 2000007, 3000007, 8, 1000008]
+    # copy k shows original option k as A; the right answer ("dog", B) moves with it
+    assert docs[1000007].prompt == ("<image>\nA farm.\nWhat animal?\nA. dog\nB. cow\nC. pig\nD. cat\n"
+                                    "Answer with the option's letter from the given choices directly.")
+    assert [docs[i].target for i in (7, 1000007, 2000007, 3000007)] == ["B", "A", "D", "C"]
+    assert docs[1000008].target == "B" and docs[1000008].meta["choices"] == {"A": "no", "B": "yes"}
+    assert task.load_images(docs[3000007])[0].size == (8, 8)  # the original row's image
+    s = task.score({7: "B", 1000007: "A", 2000007: "D", 3000007: "A", 8: "A", 1000008: "B"},
+                   out_dir=tmp_path / "out")
+    assert s["accuracy"] == pytest.approx(50.0)  # question 7 fails on its last rotation
+    assert s["single_accuracy"] == pytest.approx(500 / 6)
+    import pandas as pd
+
+    sub = pd.read_excel(tmp_path / "out" / "submission.xlsx")
+    assert list(sub["index"]) == [7, 8]  # the upload holds the file's rows only
+    with pytest.raises(EvalDataError, match="circular must be"):
+        build_task("mmbench", tmp_path, circular="yes").docs()
+
+
+def test_mmbench_submission_survives_control_characters(tmp_path):
+    mmbench_tsv(tmp_path, mmbench_rows())
+    task = build_task("mmbench", tmp_path)
+    task.score({7: "B\x00\x1b", 8: "A"}, out_dir=tmp_path)  # a broken model's bytes; Excel forbids them
+    import pandas as pd
+
+    sub = pd.read_excel(tmp_path / "submission.xlsx")
+    assert sub.loc[sub["index"] == 7, "prediction"].item() == "B"
+
+
+# ---- the synthetic world's benchmark files, read by the same loaders --------------------------------
+def perfect_answer(task, d) -> str:
+    """What a perfect model answers, in each benchmark's own answer form."""
+    if task.name == "mme":
+        return d.target.capitalize()
+    if task.name == "vqav2":
+        from collections import Counter
+
+        return Counter(d.target["answers"]).most_common(1)[0][0]
+    if task.name == "mmmu" and isinstance(d.target, list):
+        return d.target[0]
+    return d.target
+
+
+@pytest.fixture(scope="module")
+def synthetic_bench(tmp_path_factory):
+    from bunny.data.synthetic import generate_world
+
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, 40, seed=3, bench_size=24)
+    return root / "bench"
+
+
+def test_synthetic_benchmarks_load_and_perfect_answers_score_the_maximum(synthetic_bench, tmp_path):
+    meta = json.loads((synthetic_bench / "meta.json").read_text())
+    assert sorted(meta) == TASKS.names()
+    for name in TASKS.names():
+        task = build_task(name, synthetic_bench)  # the parent of <task>/ works
+        docs = task.docs()
+        assert len(docs) == meta[name].get("rows", meta[name]["questions"]), name
+        assert task.missing_images() == [], name
+        for d in docs[:3]:
+            images = task.load_images(d)
+            assert len(images) == d.prompt.count("<image>") and all(im.mode == "RGB" for im in images), name
+        perfect = {d.question_id: perfect_answer(task, d) for d in docs}
+        s = task.score(perfect, out_dir=tmp_path / name)
+        for metric, spec in meta[name]["metrics"].items():
+            assert get_value(s, metric) == pytest.approx(spec["max"]), (name, metric)
+        wrong = task.score({}, out_dir=tmp_path / name)  # nothing answered: all wrong, all counted
+        assert wrong["meta"]["missing"] == len(docs)
+        assert get_value(wrong, meta[name]["headline"]) == 0.0, name

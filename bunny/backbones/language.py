@@ -1,10 +1,12 @@
-"""A small Qwen2-style causal LM trained from scratch on the world's text, saved as a Hugging Face
-folder (``AutoModelForCausalLM.from_pretrained`` loads it, tokenizer and generation config beside).
+"""A small causal LM trained from scratch on the world's text, saved as a Hugging Face folder in the
+microsoft/phi-2 layout (``PhiForCausalLM``; ``AutoModelForCausalLM.from_pretrained`` loads it, the
+tokenizer and generation config beside), so the recipe takes it through the `phi-2` LLM family and
+the `bunny` chat template, as it would take Phi-2.
 
 What it must learn (the issue's measured warning): a frozen from-scratch LM that never learned to
 answer from a description in its context cannot be taught to answer from image tokens either. So the
-text it trains on is the instruction data's own conversations, in the same `bunny` chat format,
-with the scene's description where the image will be::
+text it trains on is the instruction data's own conversations, encoded by the `bunny` chat template
+(``bunny.data.templates``), with the scene's description where the image will be::
 
     <system> USER: There are two objects on a sand background: a large red circle at the top left
     and ... \nWhat color is the circle?\nAnswer the question using a single word or phrase.
@@ -26,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bunny.backbones.tokenizer import EOS, SYSTEM
 from bunny.data.synthetic.instruct import conversation, text_conversation
 from bunny.data.synthetic.scenes import caption, description, sample_scene
 
@@ -52,15 +53,12 @@ class LMSettings:
 
 # --------------------------------------------------------------------------------------- corpus
 def render_bunny(conv: list[dict]) -> list[tuple[str, bool]]:
-    """A LLaVA conversation in the `bunny` template as (text, carries_loss) pieces:
-    ``SYSTEM USER: q ASSISTANT: a<eos>USER: q2 ASSISTANT: a2<eos>`` (Bunny's conv_bunny)."""
-    pieces = [(SYSTEM + " ", False)]
-    for turn in conv:
-        if turn["from"] == "human":
-            pieces.append((f"USER: {turn['value']} ASSISTANT:", False))
-        else:
-            pieces.append((" " + turn["value"] + EOS, True))
-    return pieces
+    """A LLaVA conversation in the `bunny` chat template as (text, carries_loss) pieces:
+    ``SYSTEM USER: q ASSISTANT: a<eos>USER: q2 ASSISTANT: a2<eos>`` (Bunny's conv_bunny), from the
+    project's template itself, so the LM sees exactly the text stage 2 and evaluation will show it."""
+    from bunny.data.templates import TEMPLATES
+
+    return [(seg.text, seg.learned) for seg in TEMPLATES.get("bunny").segments(conv)]
 
 
 def lm_example(rng: np.random.Generator, s: LMSettings) -> list[tuple[str, bool]]:
@@ -109,9 +107,10 @@ def batches(tok, rng: np.random.Generator, s: LMSettings, n_batches: int):
 
 # ---------------------------------------------------------------------------------------- model
 def build_model(tok, s: LMSettings):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """Phi-2's architecture (parallel attention/MLP, partial rotary, LayerNorm), scaled down."""
+    from transformers import PhiConfig, PhiForCausalLM
 
-    cfg = Qwen2Config(
+    cfg = PhiConfig(
         vocab_size=len(tok),
         hidden_size=s.hidden_size,
         intermediate_size=s.intermediate_size,
@@ -119,14 +118,14 @@ def build_model(tok, s: LMSettings):
         num_attention_heads=s.heads,
         num_key_value_heads=s.heads,
         max_position_embeddings=s.max_positions,
+        partial_rotary_factor=0.5,
         tie_word_embeddings=True,
-        rope_theta=10000.0,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         bos_token_id=None,
     )
     torch.manual_seed(s.seed)
-    return Qwen2ForCausalLM(cfg)
+    return PhiForCausalLM(cfg)
 
 
 def lr_at(step: int, s: LMSettings) -> float:

@@ -31,8 +31,13 @@ def _normalize(c: np.ndarray) -> np.ndarray:
     return (c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def _kmeans(x: np.ndarray, k: int, iters: int, seed: int, init: np.ndarray | None = None) -> np.ndarray:
-    """Spherical k-means of the rows of ``x`` (normalised) -> k normalised centroids."""
+def _kmeans(x: np.ndarray, k: int, iters: int, seed: int, init: np.ndarray | None = None,
+            threads: int | None = None) -> np.ndarray:
+    """Spherical k-means of the rows of ``x`` (normalised) -> k normalised centroids.
+
+    ``threads=1`` for the many small second-level problems: faiss's OpenMP threads spin while they
+    wait, which costs several times the work on small problems (and far more on a shared CPU).
+    """
     k = min(k, len(x))
     if k == 1:
         return _normalize(x.mean(axis=0, keepdims=True, dtype=np.float64))
@@ -40,7 +45,13 @@ def _kmeans(x: np.ndarray, k: int, iters: int, seed: int, init: np.ndarray | Non
         x.shape[1], k, niter=iters, seed=seed, spherical=True, verbose=False,
         max_points_per_centroid=1 << 30, min_points_per_centroid=1,  # the sample is the caller's choice
     )
-    km.train(np.ascontiguousarray(x, dtype=np.float32), init_centroids=init)
+    before = faiss.omp_get_max_threads()
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    try:
+        km.train(np.ascontiguousarray(x, dtype=np.float32), init_centroids=init)
+    finally:
+        faiss.omp_set_num_threads(before)
     return _normalize(km.centroids)
 
 
@@ -90,8 +101,8 @@ class Clustering:
                 rows = np.flatnonzero(cell == c)
                 lo, hi = self.offsets[c], self.offsets[c + 1]
                 cluster[rows] = lo + _nearest(x[rows], self.centroids[lo:hi])
-        # in float64, row by row: the value a row gets does not depend on the batch it came in
-        sim = np.einsum("ij,ij->i", x.astype(np.float64), self.centroids[cluster].astype(np.float64))
+        # row by row (not from the BLAS block): the value a row gets does not depend on its batch
+        sim = np.einsum("ij,ij->i", x, self.centroids[cluster])
         return cluster, sim
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -132,7 +143,8 @@ def train(draw: Callable[[int], np.ndarray], cfg: CurateConfig) -> Clustering:
     parts, offsets = [], [0]
     for c in range(len(coarse)):
         if fine_k[c]:
-            parts.append(_kmeans(sample[cell == c], int(fine_k[c]), cfg.kmeans_iters, cfg.seed + 7919 * (c + 1)))
+            parts.append(_kmeans(sample[cell == c], int(fine_k[c]), cfg.kmeans_iters, cfg.seed + 7919 * (c + 1),
+                                 threads=1))
         else:  # a coarse cell no sample vector fell into keeps one centroid: itself
             parts.append(coarse[c : c + 1])
         offsets.append(offsets[-1] + len(parts[-1]))

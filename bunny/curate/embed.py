@@ -18,6 +18,7 @@ Basic filters run before embedding (no compute for dropped samples) and, with
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from bunny.data.images import ImageError, expand_to_square, load_image, mean_fil
 
 from .config import CurateConfig
 from .io import CurateError, write_shard
-from .pipeline import PRE_DROPPED
+from .pipeline import EMBED_STATS, PRE_DROPPED
 from .select import basic_filter
 
 
@@ -87,6 +88,7 @@ class Embedder:
         self.siglip = self.model.config.model_type.startswith("siglip")  # trained on max-length padding
         self.max_length = self.model.config.text_config.max_position_embeddings
         self.fill = mean_fill(getattr(self.processor, "image_mean", None) or (0.5, 0.5, 0.5))
+        self.dim = int(self.texts([""]).shape[1])  # for a shard whose images all failed to decode
 
     def _features(self, out: Any) -> np.ndarray:
         feats = out if isinstance(out, self.torch.Tensor) else out.pooler_output  # transformers 5 wraps them
@@ -131,9 +133,8 @@ def embed_shard(embedder: Embedder, records: list[dict[str, str]], image_folder:
         txts.append(embedder.texts([r["caption"] for r in batch]))
         kept += batch
         sizes += [im.size for im in images]
-    dim = imgs[0].shape[1] if imgs else 0
-    img = np.concatenate(imgs) if imgs else np.zeros((0, dim), np.float32)
-    txt = np.concatenate(txts) if txts else np.zeros((0, dim), np.float32)
+    img = np.concatenate(imgs) if imgs else np.zeros((0, embedder.dim), np.float32)
+    txt = np.concatenate(txts) if txts else np.zeros((0, embedder.dim), np.float32)
     (out_root / "dropped").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"key": pa.array(unreadable, pa.string()),
                              "step": pa.array(["unreadable"] * len(unreadable), pa.string())}),
@@ -190,20 +191,27 @@ def plan(pool_file: str | Path, image_folder: str | Path, model_dir: str | Path,
     return shards, todo, dropped
 
 
-def finish(out_root: str | Path, filter_drops: pa.Table) -> Path:
-    """Gather the drops of every shard into ``dropped_before_embedding.parquet``."""
+def finish(out_root: str | Path, shards: list[list[dict[str, str]]], filter_drops: pa.Table, todo: list[int],
+           seconds: float) -> Path:
+    """Gather the drops of every shard into ``dropped_before_embedding.parquet``; write the stats."""
     out_root = Path(out_root)
-    tables = [filter_drops] + [pq.read_table(p) for p in sorted((out_root / "dropped").glob("unreadable_*.parquet"))]
+    parts = [out_root / "dropped" / f"unreadable_{i}.parquet" for i in range(len(shards))]
+    tables = [filter_drops] + [pq.read_table(p) for p in parts if p.is_file()]
     pq.write_table(pa.concat_tables(tables), out_root / PRE_DROPPED)
+    embedded = sum(pq.ParquetFile(out_root / "metadata" / f"metadata_{i}.parquet").metadata.num_rows
+                   for i in range(len(shards)))
+    stats = {"embedded": embedded, "shards": len(shards), "shards_this_run": len(todo), "seconds": round(seconds, 3)}
+    (out_root / EMBED_STATS).write_text(json.dumps(stats, indent=2) + "\n")
     return out_root
 
 
 def embed_pool(pool_file: str | Path, image_folder: str | Path, model_dir: str | Path, out_root: str | Path,
                cfg: CurateConfig) -> Path:
     """Embed the pool into ``out_root`` (clip-retrieval layout) on this machine; resumes where it stopped."""
+    t0 = time.perf_counter()
     shards, todo, dropped = plan(pool_file, image_folder, model_dir, out_root, cfg)
     if todo:
         embedder = Embedder(model_dir, cfg.device, cfg.image_mode)
         for i in tqdm(todo, desc="embed", unit="shard", disable=None):
             embed_shard(embedder, shards[i], image_folder, out_root, i, cfg)
-    return finish(out_root, dropped)
+    return finish(out_root, shards, dropped, todo, time.perf_counter() - t0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from .pipeline import (
     apply_scores,
     dedup_args,
     prepare,
-    score_shard,
+    score_chunks,
     select_and_write,
     train_clusters,
 )
@@ -55,21 +56,26 @@ def ray_session(cfg: CurateConfig) -> Iterator[None]:
 
 
 class _Scorer:
-    """Actor: holds the centroids; scores and assigns one shard per call."""
+    """Actor: holds the centroids; scores and assigns one shard per call, yielding it chunk by chunk."""
 
-    def __init__(self, root: str, arrays: dict[str, np.ndarray]) -> None:
+    def __init__(self, root: str, arrays: dict[str, np.ndarray], with_emb: bool) -> None:
         self.layout = open_layout(root)
         self.clusters = Clustering.from_arrays(arrays)
+        self.with_emb = with_emb
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         index = int(batch["shard"][0])
         shard = self.layout.shards[index]
         alive = np.zeros(shard.rows, dtype=bool)
         alive[np.asarray(batch["alive_rows"][0], dtype=np.int64)] = True
-        return score_shard(self.layout, index, self.clusters, alive)
+        for chunk in score_chunks(self.layout, index, self.clusters, alive):
+            if not self.with_emb:
+                del chunk["emb"]
+            yield chunk
 
 
 def _dedup_group(batch: dict[str, np.ndarray], **args: Any) -> dict[str, np.ndarray]:
+    """One whole cluster, put in gidx order (the local engine's order) before the dedup."""
     order = np.argsort(batch["gidx"], kind="stable")
     out = {k: batch[k][order] for k in ("gidx", "it_sim", "cent_sim", "cluster")}
     emb = np.ascontiguousarray(np.asarray(batch["emb"], dtype=np.float32)[order])
@@ -87,24 +93,34 @@ def run_ray(emb_dir: str | Path, out: str | Path, cfg: CurateConfig) -> dict[str
     with ray_session(cfg):
         state = prepare(emb_dir, cfg)
         clusters = train_clusters(state)
-        state.record("kmeans")
         layout = state.layout
         items = [{"shard": i, "alive_rows": np.flatnonzero(state.alive[s.start : s.start + s.rows])}
-                 for i, s in enumerate(layout.shards)]
+                 for i, s in enumerate(layout.shards) if s.rows]
         workers = max(1, int(ray.available_resources().get("CPU", 1)))
         scored = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _Scorer, batch_size=1, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(workers, len(items))),
-            fn_constructor_kwargs={"root": str(layout.root), "arrays": clusters.to_arrays()},
+            fn_constructor_kwargs={"root": str(layout.root.resolve()), "arrays": clusters.to_arrays(),
+                                   "with_emb": cfg.dedup_enabled},
         )
-        partitions = max(1, min(clusters.k, 4 * workers))
-        deduped = scored.groupby("cluster", num_partitions=partitions).map_groups(
-            _dedup_group, batch_format="numpy", fn_kwargs=dedup_args(cfg))
-        for batch in deduped.iter_batches(batch_format="numpy", batch_size=None):
+        if cfg.dedup_enabled:
+            partitions = max(1, min(clusters.k, 4 * workers))
+            args = dedup_args(cfg, int(state.alive.sum()))
+            state.info["dedup_matmul"] = args["matmul"]
+            scored = scored.groupby("cluster", num_partitions=partitions).map_groups(
+                _dedup_group, batch_format="numpy", fn_kwargs=args)
+        n_assigned = int(state.alive.sum())
+        for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
             apply_scores(state, batch)
-            apply_dedup(state, batch["gidx"], batch["rep"])
-        state.record("dedup")
-        state.funnel[-1]["note"] = "cluster assignment and dedup run together on Ray; the time is both"
+            if cfg.dedup_enabled:
+                apply_dedup(state, batch["gidx"], batch["rep"])
+        # assignment and dedup stream through one Ray Data pipeline: one time, under `dedup`
+        note = "assignment and dedup run together on Ray Data; the time is under `dedup`"
+        seconds_so_far = time.perf_counter() - state._t
+        state.record("cluster", enabled=cfg.needs_clusters, count=n_assigned, note=note)
+        state.funnel[-1]["seconds"] = 0.0
+        state._t -= seconds_so_far
+        state.record("dedup", enabled=cfg.dedup_enabled, note=note, matmul=state.info.get("dedup_matmul"))
         return select_and_write(state, out, "ray")
 
 
@@ -132,6 +148,7 @@ def embed_pool_ray(pool_file: str | Path, image_folder: str | Path, model_dir: s
 
     from .embed import finish, plan
 
+    t0 = time.perf_counter()
     shards, todo, dropped = plan(pool_file, image_folder, model_dir, out_root, cfg)
     if todo:
         items = [{"shard": i, "records": json.dumps(shards[i])} for i in todo]
@@ -140,7 +157,8 @@ def embed_pool_ray(pool_file: str | Path, image_folder: str | Path, model_dir: s
                 _Embedder, batch_size=1, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=min(cfg.ray_embed_actors, len(todo))),
                 num_gpus=cfg.ray_gpus_per_actor or None,
-                fn_constructor_kwargs={"model_dir": str(model_dir), "image_folder": str(image_folder),
-                                       "out_root": str(out_root), "cfg": cfg},
+                fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()),
+                                       "image_folder": str(Path(image_folder).resolve()),
+                                       "out_root": str(Path(out_root).resolve()), "cfg": cfg},
             ).materialize()
-    return finish(out_root, dropped)
+    return finish(out_root, shards, dropped, todo, time.perf_counter() - t0)

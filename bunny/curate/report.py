@@ -9,7 +9,7 @@ from typing import Any
 TIMING_ONLY = ("kmeans", "cluster")  # steps that drop nothing: in funnel.json for their time, not in the plot
 LABELS = {
     "input": "input",
-    "unreadable": "readable images",
+    "embed": "embedded (readable)",
     "filter": "basic filter",
     "dedup": "deduplicate",
     "image_text": "image-text band",

@@ -2,7 +2,7 @@
 
 A band ``[lo, hi]`` ranks the n survivors by score, highest first (rank 0 = most similar; ties by
 gidx), and keeps ranks ``floor(lo*n) .. floor(hi*n)-1``. ``[0, 1]`` keeps everything. The paper
-does not say which end rank 0 is; we read "rank" as most-similar-first (docs/curate.md), so the
+does not say which end rank 0 is; we read "rank" as most-similar-first (docs/curation.md), so the
 centroid band 15%-35% drops the 15% most typical images and everything past 35%.
 """
 

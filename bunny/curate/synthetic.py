@@ -30,11 +30,14 @@ def planted_pool(
     points_per_topic: int = 2000,
     dtype: str = "float16",
     seed: int = 0,
+    image_paths: bool = False,
 ) -> np.ndarray:
     """Write an ``n``-row pool under ``root``; return each row's planted group id (-1: not planted).
 
     About ``dup_fraction`` of the rows belong to planted groups of 2..``max_group`` members,
-    scattered over the pool.
+    scattered over the pool. Keys are the row numbers, zero-padded (``000000042``);
+    ``image_paths`` adds an ``image`` column (``images/000000042.jpg``; no files) so that the
+    coreset JSON is written too.
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -67,6 +70,44 @@ def planted_pool(
         tn = srng.standard_normal((stop - start, dim), dtype=np.float32)
         txt = _unit(img + (text_noise[start:stop, None] * np.sqrt(0.25 / dim)) * tn)
         keys = [f"{i:09d}" for i in range(start, stop)]
-        write_shard(root, index, img.astype(dtype), txt.astype(dtype),
-                    {"key": keys, "caption": [f"caption of sample {i}" for i in range(start, stop)]})
+        meta = {"key": keys, "caption": [f"caption of sample {i}" for i in range(start, stop)]}
+        if image_paths:
+            meta["image"] = [f"images/{k}.jpg" for k in keys]
+        write_shard(root, index, img.astype(dtype), txt.astype(dtype), meta)
+    np.save(root / "planted_groups.npy", group)
     return group
+
+
+def dedup_quality(group: np.ndarray, dropped_rows: np.ndarray, duplicate_of: np.ndarray) -> dict[str, float]:
+    """Recall and precision of a dedup against the planted groups.
+
+    A planted group of s members should lose s - 1 of them. A drop is correct when the row and the
+    member it was folded into (``duplicate_of``, row numbers) are in the same planted group.
+    """
+    expected = int(np.sum(np.maximum(np.bincount(group[group >= 0]) - 1, 0)))
+    correct = int(np.sum((group[dropped_rows] >= 0) & (group[dropped_rows] == group[duplicate_of])))
+    return {"planted_duplicates": expected, "dropped": int(len(dropped_rows)), "correct": correct,
+            "recall": correct / max(expected, 1), "precision": correct / max(len(dropped_rows), 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bunny.curate.synthetic --out DIR --n 200000``: a pool to try ``bunny curate`` on."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bunny.curate.synthetic", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="folder for the clip-retrieval layout")
+    p.add_argument("--n", type=int, default=200_000, help="samples (default 200000)")
+    p.add_argument("--dim", type=int, default=768, help="embedding dimension (default 768)")
+    p.add_argument("--shard-rows", type=int, default=100_000, help="rows per shard (default 100000)")
+    p.add_argument("--dup-fraction", type=float, default=0.2, help="share of rows in planted groups (default 0.2)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    group = planted_pool(args.out, args.n, args.dim, args.shard_rows, args.dup_fraction, seed=args.seed)
+    print(f"{args.n} samples in {args.out}; {int((group >= 0).sum())} in {len(np.unique(group[group >= 0]))} "
+          "planted near-duplicate groups (planted_groups.npy)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,7 +5,7 @@ an answer. Answers are appended to OUT/<task>/answers.jsonl as they are produced
 the same command resumes where a stopped one ended. Then OUT/<task>/scores.json (and submission
 files for splits without public answers), and OUT/report.md + OUT/scores.png with the published
 Bunny-v1.0-3B numbers beside ours. --data is a folder holding one folder per task (named like the
-task), or, for a single task, that task's folder itself; see docs/eval.md for each layout.
+task), or, for a single task, that task's folder itself; see docs/evaluation.md for each layout.
 For several processes (GPUs), launch with torchrun: each takes every N-th question.
 
 tasks: mme, pope, gqa, vqav2, sqa, seed, mmbench, mmmu (or "all")
@@ -13,7 +13,7 @@ tasks: mme, pope, gqa, vqav2, sqa, seed, mmbench, mmmu (or "all")
 examples:
   bunny eval --model runs/stage2 --task mme,pope --data ~/benchmarks --out runs/eval --batch-size 16
   bunny eval --model runs/stage2 --task mmbench --data ~/benchmarks/mmbench --split MMBench_DEV_EN --out runs/eval
-  torchrun --nproc_per_node 8 -m bunny.cli eval --model runs/stage2 --task gqa --data ~/benchmarks --out runs/eval
+  torchrun --standalone --nproc_per_node 8 -m bunny.cli eval --model runs/stage2 --task gqa --data ~/benchmarks --out runs/eval
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import logging
 import sys
 from pathlib import Path
 
-from bunny.eval.tasks import TASKS, EvalDataError
+from bunny.eval.tasks import PAPER_ORDER, TASKS, EvalDataError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,14 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def parse_tasks(spec: str) -> list[str]:
-    names = TASKS.names() if spec.strip() == "all" else [t.strip() for t in spec.split(",") if t.strip()]
-    for n in names:
-        TASKS.get(n)  # unknown -> error listing the known ones
-    return names
-
-
 def parse_data(items: list[str], names: list[str]) -> dict[str, Path]:
+    """``["~/bench", "mmbench=~/mmb"]`` -> a folder per task (``TASK=DIR`` wins over a bare DIR)."""
     out: dict[str, Path] = {}
     default = None
     for item in items:
@@ -85,34 +79,22 @@ def parse_splits(spec: str | None, names: list[str]) -> dict[str, str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bunny.eval.api import build_tasks, evaluate
     from bunny.eval.cli_score import parse_options
-    from bunny.eval.runner import evaluate, init_distributed, load_generator
-    from bunny.eval.tasks import build_task
+    from bunny.registry import UnknownNameError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    dist = init_distributed()
     try:
-        names = parse_tasks(args.task)
-        data = parse_data(args.data, names)
-        splits = parse_splits(args.split, names)
-        options = parse_options(args.option, names)
-        tasks = [build_task(n, data[n], split=splits[n], **options[n]) for n in names]
-        for t in tasks:
-            t.docs()  # fail on bad benchmark files before loading the model
-    except (EvalDataError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    device = args.device
-    if device is None and dist.world > 1:
-        import torch
-
-        device = f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"
-    generate = load_generator(args.model, device=device, dtype=args.dtype, template=args.template)
-    try:
-        evaluate(tasks, generate, args.out, batch_size=args.batch_size, limit=args.limit,
-                 model_id=Path(args.model).name, max_new_tokens=args.max_new_tokens, dist=dist,
+        names = list(PAPER_ORDER) if args.task.strip() == "all" else \
+            [t.strip() for t in args.task.split(",") if t.strip()]
+        for n in names:
+            TASKS.get(n)
+        tasks = build_tasks(names, parse_data(args.data, names), parse_splits(args.split, names),
+                            parse_options(args.option, names))
+        evaluate(args.model, tasks, None, args.out, batch_size=args.batch_size, limit=args.limit,
+                 max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype, template=args.template,
                  progress=not args.no_progress)
-    except EvalDataError as exc:
+    except (EvalDataError, UnknownNameError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

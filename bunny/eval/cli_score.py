@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from bunny.eval.tasks import TASKS, EvalDataError, read_answers
+from bunny.registry import UnknownNameError
 
 
 def parse_options(items: list[str] | None, task_names: list[str]) -> dict[str, dict[str, str]]:
@@ -43,9 +44,9 @@ def parse_options(items: list[str] | None, task_names: list[str]) -> dict[str, d
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS.names())}")
     p.add_argument("--answers", required=True, help="answers JSONL: {\"question_id\", \"text\"} per line")
-    p.add_argument("--data", required=True, help="the benchmark's folder (official layout, see docs/eval.md)")
+    p.add_argument("--data", required=True, help="the benchmark's folder (official layout, see docs/evaluation.md)")
     p.add_argument("--out", default=None, help="where scores.json goes (default: the answers file's folder)")
-    p.add_argument("--split", default=None, help="split/file to score where a task has several (see docs/eval.md)")
+    p.add_argument("--split", default=None, help="split/file to score where a task has several (see docs/evaluation.md)")
     p.add_argument("--option", action="append", metavar="[TASK.]KEY=VALUE",
                    help="a task option, e.g. seed.answer_rule=lmms-eval (repeatable)")
     p.add_argument("--only-answered", action="store_true",
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     except EvalDataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyError as exc:  # unknown task name
+    except UnknownNameError as exc:  # unknown task name
         print(f"error: {exc}", file=sys.stderr)
         return 2
     path = write_scores(out / "scores.json", scores)

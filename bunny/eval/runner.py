@@ -1,6 +1,6 @@
 """Batched, resumable, data-parallel generation of benchmark answers, then scoring and the report.
 
-Flow per task: load the questions (``--limit`` keeps the first N) -> check every image exists (one
+Flow per task: load the questions (``limit`` keeps the first N) -> check every image exists (one
 error listing the missing files, before any model time is spent) -> skip the questions already
 answered (``answers.jsonl`` and any ``answers.rank*.jsonl`` a stopped multi-process run left) ->
 generate the rest in batches, greedy, appending a line per answer as each batch finishes (flushed:
@@ -9,12 +9,13 @@ a killed run loses at most the batch in flight) -> merge into ``answers.jsonl`` 
 
 Data parallel: under ``torchrun --nproc_per_node N``, rank r answers the pending questions
 ``r, r+N, r+2N, ...`` into ``answers.rank<r>.jsonl``; rank 0 merges and scores after a barrier
-(gloo: no GPU collective is needed, the answers travel through the files).
+(gloo: no GPU collective is needed, the answers travel through the files). Greedy answers do not
+depend on the batch a question lands in, so N processes give the answers one process gives.
 
 The model side is one callable, ``generate(prompts, images, max_new_tokens) -> texts``: prompts are
 the tasks' user messages with ``<image>`` placeholders (the chat template is applied inside), images
-one list per prompt. :func:`model_generator` builds it from a model folder with ``bunny.load_model``
-and the batched generator of ``bunny.infer``; tests and other engines can pass their own.
+one list per prompt. :class:`ModelAnswerer` is that callable over a loaded model, through the
+shared batched generator of ``bunny.infer`` (left padding, end tokens, stop strings).
 """
 
 from __future__ import annotations
@@ -37,68 +38,39 @@ logger = logging.getLogger("bunny.eval")
 
 GenerateFn = Callable[[list[str], list[list[Any]], int], list[str]]
 
-# The `bunny` chat template (RECIPE.md), used only when bunny.data.templates is not importable.
-_BUNNY_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-                 "helpful, detailed, and polite answers to the user's questions.")
-
 
 # ---- the model side ----------------------------------------------------------------------------------
-def chat_renderer(template_name: str | None) -> Callable[[str], str]:
-    """``user text -> prompt text`` with the named chat template (``bunny.data.templates``), for a
-    single user turn followed by the assistant's generation prompt."""
-    try:
-        from bunny.data.templates import TEMPLATES
-    except ImportError:  # the templates package is optional for this adapter
-        TEMPLATES = None  # noqa: N806
-    if TEMPLATES is not None:
-        template = TEMPLATES.get(template_name or "bunny")
-        if isinstance(template, type):
-            template = template()
-
-        def render(text: str) -> str:
-            return template.render([{"role": "user", "content": text}], add_generation_prompt=True)
-
-        return render
-    if template_name not in (None, "bunny"):
-        raise RuntimeError(f"chat template {template_name!r} needs bunny.data.templates, which is not installed")
-
-    def render_bunny(text: str) -> str:
-        return f"{_BUNNY_SYSTEM} USER: {text} ASSISTANT:"
-
-    return render_bunny
-
-
-def model_generator(model: Any, processor: Any, template: str | None = None) -> GenerateFn:
+class ModelAnswerer:
     """A :data:`GenerateFn` over a loaded Bunny model: greedy (temperature 0, one beam), one
-    left-padded batch per call, the model's chat template, end tokens and stop strings honoured."""
-    from bunny.infer.generate import GenerationRequest, Generator, SamplingParams
+    left-padded batch per call, the model's chat template (or ``template``), its end tokens and
+    stop strings. Answers are stripped, as the original ``model_vqa_loader`` strips them."""
 
-    name = template or getattr(model.config, "chat_template", None)
-    render_text = chat_renderer(name)
+    def __init__(self, model: Any, processor: Any, template: str | None = None, model_id: str = "bunny") -> None:
+        from bunny.infer.generate import Generator, template_renderer
 
-    def render(messages: list[dict[str, str]]) -> str:
-        return render_text(messages[-1]["content"])
+        self.model, self.processor, self.model_id = model, processor, model_id
+        if template is None:
+            self.generator = Generator(model, processor, model_id=model_id)
+        else:
+            from bunny.data.templates import get_template
 
-    gen = Generator(model, processor, render=render)
-    stops: tuple[str, ...] = ()
-    try:
-        from bunny.data.templates import TEMPLATES
+            t = get_template(template)
+            self.generator = Generator(model, processor, render=template_renderer(t), model_id=model_id,
+                                       stop=t.stop_strings)
 
-        t = TEMPLATES.get(name or "bunny")
-        stops = tuple(getattr(t() if isinstance(t, type) else t, "stop_strings", ()) or ())
-    except (ImportError, KeyError):
-        pass
+    def __call__(self, prompts: list[str], images: list[list[Any]], max_new_tokens: int) -> list[str]:
+        from bunny.infer.generate import GenerationRequest, SamplingParams
 
-    def generate(prompts: list[str], images: list[list[Any]], max_new_tokens: int) -> list[str]:
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=stops)
-        reqs = [GenerationRequest([{"role": "user", "content": p}], list(imgs), params) for p, imgs in zip(prompts, images)]
-        return [r.text.strip() for r in gen.generate(reqs)]
-
-    return generate
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+        reqs = [GenerationRequest([{"role": "user", "content": p}], list(imgs), params)
+                for p, imgs in zip(prompts, images)]
+        return [r.text.strip() for r in self.generator.generate(reqs)]
 
 
-def load_generator(model_dir: str | Path, device: str | None = None, dtype: str | None = None,
-                   template: str | None = None) -> GenerateFn:
+def load_answerer(model_dir: str | Path, device: str | None = None, dtype: str | None = None,
+                  template: str | None = None, model_id: str | None = None) -> ModelAnswerer:
+    """``bunny.load_model`` + :class:`ModelAnswerer`. Default device: cuda when available; default
+    dtype: bfloat16 on GPU, float32 on CPU."""
     import torch
 
     from bunny import load_model
@@ -112,7 +84,7 @@ def load_generator(model_dir: str | Path, device: str | None = None, dtype: str 
         raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(dtypes)}")
     model, processor = load_model(str(model_dir), dtype=dtypes[dtype], device=device)
     model.eval()
-    return model_generator(model, processor, template)
+    return ModelAnswerer(model, processor, template, model_id=model_id or Path(model_dir).name)
 
 
 # ---- distributed helpers -----------------------------------------------------------------------------
@@ -157,7 +129,8 @@ def _repair(path: Path) -> None:
         f.truncate(cut)
 
 
-def _read_records(path: Path) -> dict[str, dict]:
+def read_records(path: Path) -> dict[str, dict]:
+    """``{str(question_id): record}`` of an answers file this runner wrote (empty when absent)."""
     out: dict[str, dict] = {}
     if not path.is_file():
         return out
@@ -181,7 +154,7 @@ def merge_answers(task_dir: Path, docs: Sequence[Doc]) -> Path:
     records: dict[str, dict] = {}
     for p in [main, *parts]:
         _repair(p)
-        records.update(_read_records(p))
+        records.update(read_records(p))
     order = {d.key: i for i, d in enumerate(docs)}
     keys = sorted(records, key=lambda k: (order.get(k, len(order)), k))
     tmp = task_dir / "answers.jsonl.tmp"
@@ -194,27 +167,45 @@ def merge_answers(task_dir: Path, docs: Sequence[Doc]) -> Path:
     return main
 
 
+def _check_resumable(path: Path, records: dict[str, dict], docs: Sequence[Doc], model_id: str) -> None:
+    """Answers kept from an earlier run must come from this model and this prompt: otherwise a
+    rerun with another model or other task options would silently mix two runs."""
+    by_key = {d.key: d for d in docs}
+    for key, rec in records.items():
+        other = rec.get("model_id")
+        if other and model_id and other != model_id:
+            raise EvalDataError(f"{path}: question {rec['question_id']!r} was answered by model {other!r}, not "
+                                f"{model_id!r}; use another --out (or delete the file) to start over")
+        d = by_key.get(key)
+        if d is not None and "prompt" in rec and rec["prompt"] != d.prompt:
+            raise EvalDataError(f"{path}: question {rec['question_id']!r} was asked with another prompt (other "
+                                "task options or split?); use another --out (or delete the file) to start over")
+
+
 # ---- the loop ----------------------------------------------------------------------------------------
 @dataclass
 class TaskRun:
     task: Task
     docs: list[Doc]
     answers: Path
-    generated: int = 0
+    generated: int = 0  # answers generated by this process in this run (resumed ones not counted)
     seconds: float = 0.0
     scores: dict[str, Any] = field(default_factory=dict)
 
 
 def generate_answers(task: Task, generate: GenerateFn, task_dir: Path, batch_size: int = 8,
                      limit: int | None = None, model_id: str = "", max_new_tokens: int | None = None,
-                     dist: Dist | None = None, progress: bool = True, max_batches: int | None = None) -> TaskRun:
+                     dist: Dist | None = None, progress: bool = True) -> TaskRun:
     """Answer the task's pending questions (this rank's share), appending as it goes; merge at the end.
 
-    ``max_batches`` stops early (for tests of resuming after an interruption).
+    An exception from ``generate`` (or a kill) leaves every finished batch in the answers file; the
+    next call with the same arguments answers only the rest.
     """
     dist = dist or Dist()
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
     docs = task.docs()
     if limit is not None:
         docs = docs[:limit]
@@ -224,51 +215,45 @@ def generate_answers(task: Task, generate: GenerateFn, task_dir: Path, batch_siz
         shown = "\n  ".join(missing[:10])
         more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
         raise EvalDataError(f"{task.name}: {len(missing)} image(s) not found:\n  {shown}{more}")
-    if dist.rank == 0:
+    main = task_dir / "answers.jsonl"
+    if dist.rank == 0 and (main.exists() or list(task_dir.glob("answers.rank*.jsonl"))):
         # fold what an earlier (possibly multi-process, possibly killed) run left into answers.jsonl
-        if (task_dir / "answers.jsonl").exists() or list(task_dir.glob("answers.rank*.jsonl")):
-            merge_answers(task_dir, task.docs())
+        merge_answers(task_dir, task.docs())
     dist.barrier()
-    done = set(_read_records(task_dir / "answers.jsonl"))
-    pending = [d for d in docs if d.key not in done]
+    records = read_records(main)
+    _check_resumable(main, records, task.docs(), model_id)
+    pending = [d for d in docs if d.key not in records]
     mine = pending[dist.rank::dist.world]
-    out_path = task_dir / "answers.jsonl" if dist.world == 1 else task_dir / f"answers.rank{dist.rank}.jsonl"
+    out_path = main if dist.world == 1 else task_dir / f"answers.rank{dist.rank}.jsonl"
     new_tokens = max_new_tokens or task.max_new_tokens
-    run = TaskRun(task, docs, task_dir / "answers.jsonl")
-    if dist.rank == 0 and done:
-        logger.info("%s: %d of %d question(s) already answered; resuming", task.name, len(docs) - len(pending), len(docs))
+    run = TaskRun(task, docs, main)
+    if dist.rank == 0 and len(pending) < len(docs):
+        logger.info("%s: %d of %d question(s) already answered in %s; resuming", task.name, len(docs) - len(pending),
+                    len(docs), main)
     batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-    if max_batches is not None:
-        batches = batches[:max_batches]
-    bar = None
-    if progress and dist.rank == 0 and batches:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(pending), desc=f"{task.name}", unit="q", file=sys.stderr,
-                       initial=0, dynamic_ncols=True)
-        except ImportError:
-            bar = None
+    bar = _progress_bar(task.name, len(pending)) if progress and dist.rank == 0 and batches else None
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1) as pool, open(out_path, "a", encoding="utf-8") as f:
-        # images of the next batch decode on a thread while the model works on this one
-        nxt = pool.submit(_load_batch, task, batches[0]) if batches else None
-        for b, batch in enumerate(batches):
-            images = nxt.result()
-            nxt = pool.submit(_load_batch, task, batches[b + 1]) if b + 1 < len(batches) else None
-            texts = generate([d.prompt for d in batch], images, new_tokens)
-            if len(texts) != len(batch):
-                raise RuntimeError(f"generate returned {len(texts)} texts for {len(batch)} prompts")
-            for d, text in zip(batch, texts):
-                f.write(json.dumps({"question_id": d.question_id, "prompt": d.prompt, "text": text,
-                                    "model_id": model_id}, ensure_ascii=False) + "\n")
-            f.flush()
-            run.generated += len(batch)
-            if bar is not None:
-                bar.update(len(batch) * dist.world)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool, open(out_path, "a", encoding="utf-8") as f:
+            # images of the next batch decode on a thread while the model works on this one
+            nxt = pool.submit(_load_batch, task, batches[0]) if batches else None
+            for b, batch in enumerate(batches):
+                images = nxt.result()
+                nxt = pool.submit(_load_batch, task, batches[b + 1]) if b + 1 < len(batches) else None
+                texts = generate([d.prompt for d in batch], images, new_tokens)
+                if len(texts) != len(batch):
+                    raise RuntimeError(f"generate returned {len(texts)} texts for {len(batch)} prompts")
+                for d, text in zip(batch, texts):
+                    f.write(json.dumps({"question_id": d.question_id, "prompt": d.prompt, "text": text,
+                                        "model_id": model_id}, ensure_ascii=False) + "\n")
+                f.flush()
+                run.generated += len(batch)
+                if bar is not None:
+                    bar.update(len(batch) * dist.world)
+    finally:
+        if bar is not None:
+            bar.close()
     run.seconds = time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
     dist.barrier()
     if dist.rank == 0:
         merge_answers(task_dir, task.docs())
@@ -276,22 +261,31 @@ def generate_answers(task: Task, generate: GenerateFn, task_dir: Path, batch_siz
     return run
 
 
+def _progress_bar(name: str, total: int) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=name, unit="q", file=sys.stderr, dynamic_ncols=True)
+
+
 def _load_batch(task: Task, batch: list[Doc]) -> list[list[Any]]:
     return [task.load_images(d) for d in batch]
 
 
 def score_run(run: TaskRun, task_dir: Path) -> dict[str, Any]:
+    """Score the run's questions from its answers file; ``scores.json`` (+ submission) in ``task_dir``."""
     from bunny.eval.report import write_scores
 
-    answers = read_answers(run.answers)
-    run.scores = run.task.score(answers, docs=run.docs, out_dir=task_dir)
+    run.scores = run.task.score(read_answers(run.answers), docs=run.docs, out_dir=task_dir)
     write_scores(task_dir / "scores.json", run.scores)
     return run.scores
 
 
-def evaluate(tasks: Sequence[Task], generate: GenerateFn, out_dir: str | Path, batch_size: int = 8,
-             limit: int | None = None, model_id: str = "", max_new_tokens: int | None = None,
-             dist: Dist | None = None, progress: bool = True, report: bool = True) -> dict[str, TaskRun]:
+def run_tasks(tasks: Sequence[Task], generate: GenerateFn, out_dir: str | Path, batch_size: int = 8,
+              limit: int | None = None, model_id: str = "", max_new_tokens: int | None = None,
+              dist: Dist | None = None, progress: bool = True, report: bool = True,
+              echo: Callable[[str], None] | None = print) -> dict[str, TaskRun]:
     """Run every task (answers in ``out_dir/<task>/``), score them, write the report (rank 0)."""
     from bunny.eval.report import format_table, write_report
 
@@ -304,13 +298,19 @@ def evaluate(tasks: Sequence[Task], generate: GenerateFn, out_dir: str | Path, b
                                max_new_tokens=max_new_tokens, dist=dist, progress=progress)
         if dist.rank == 0:
             score_run(run, task_dir)
-            print(format_table(task, run.scores), flush=True)
+            if echo:
+                echo(format_table(task, run.scores))
         runs[task.name] = run
     if dist.rank == 0 and report:
-        extra = {"model": model_id, "batch size": batch_size, "processes": dist.world,
-                 "decoding": "greedy (temperature 0, one beam)"}
+        extra: dict[str, Any] = {"model": model_id, "batch size": batch_size, "processes": dist.world,
+                                 "decoding": "greedy (temperature 0, one beam)"}
         if limit is not None:
             extra["limit"] = f"first {limit} questions of each task"
+        for name, r in runs.items():
+            if r.generated:
+                extra[f"{name} generation"] = (f"{r.generated} answers in {r.seconds:.1f} s on rank 0 "
+                                               f"({r.generated / max(r.seconds, 1e-9):.2f} questions/s)")
         path = write_report(out_dir, {n: (r.task, r.scores) for n, r in runs.items()}, model_id=model_id, extra=extra)
-        print(f"report: {path}", flush=True)
+        if echo:
+            echo(f"report: {path}")
     return runs

@@ -3,7 +3,7 @@
 For generated benchmarks (the synthetic world, tests, benchmarks): each function takes plain
 records plus images (PIL images or encoded bytes) and writes exactly what the official release
 holds, so ``bunny eval`` reads generated and downloaded benchmarks with the same loaders.
-See ``docs/eval.md`` for each layout.
+See ``docs/evaluation.md`` for each layout.
 """
 
 from __future__ import annotations

@@ -3,9 +3,12 @@
 Examples:
     bunny chat --model runs/demo/final --image scene.png --prompt "How many objects are there?"
     bunny chat --model runs/demo/final --image scene.png        # interactive, multi-turn
+    printf 'What colour is it?\\n/image other.png\\nAnd now?\\n' | bunny chat --model runs/demo/final
 
 Interactive commands: /image PATH (switch to another image; starts a new conversation),
 /reset (forget the conversation), /exit. Decoding is greedy unless --temperature > 0.
+On a terminal the session shows "USER:" / "ASSISTANT:" prompts; from a pipe it prints one
+answer per input line, so scripts can read the replies line by line.
 """
 
 from __future__ import annotations
@@ -22,73 +25,87 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--quantize", choices=["none", "int8"], default="none")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: as saved)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                   help="int8: dynamic int8 on CPU, bitsandbytes 8-bit on CUDA; int4: bitsandbytes NF4 (CUDA)")
     p.add_argument("--trust-remote-code", action="store_true")
 
 
-def _load_image(path: str):  # noqa: ANN202
-    from bunny.data.images import load_image
-
-    return load_image(path)
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def run(args: argparse.Namespace) -> int:
-    from bunny.data.images import ImageError
+    from bunny.data.images import ImageError, load_image
     from bunny.infer.chat import ChatSession
     from bunny.infer.generate import SamplingParams
     from bunny.infer.loading import load_for_inference
 
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            repetition_penalty=args.repetition_penalty, seed=args.seed)
-    generator = load_for_inference(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                                   trust_remote_code=args.trust_remote_code)
-    session = ChatSession(generator, params=params)
-    if args.image:
+    try:
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    image = None
+    if args.image:  # check the image before the (slow) model load
         try:
-            session.set_image(_load_image(args.image))
+            image = load_image(args.image)
         except ImageError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-
-    def stream(delta: str) -> None:
-        sys.stdout.write(delta)
-        sys.stdout.flush()
+    generator = load_for_inference(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                                   trust_remote_code=args.trust_remote_code)
+    session = ChatSession(generator, params=params)
+    if image is not None:
+        session.set_image(image)
 
     if args.prompt is not None:
-        session.ask(args.prompt, on_text=stream)
-        sys.stdout.write("\n")
+        session.ask(args.prompt, on_text=_write)
+        _write("\n")
         return 0
 
-    interactive = sys.stdin.isatty()
-    while True:
-        if interactive:
-            sys.stdout.write("USER: ")
-            sys.stdout.flush()
-        line = sys.stdin.readline()
-        if not line:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/reset":
-            session.reset()
-            print("(conversation reset)")
-            continue
-        if line.startswith("/image"):
-            path = line[len("/image"):].strip()
-            try:
-                session.set_image(_load_image(path))
-                print(f"(image: {path}; new conversation)")
-            except ImageError as exc:
-                print(f"error: {exc}")
-            continue
-        sys.stdout.write("ASSISTANT: ")
-        session.ask(line, on_text=stream)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+    tty = sys.stdin.isatty()
+    if tty:
+        print("Type a question; /image PATH switches images, /reset forgets, /exit quits.", flush=True)
+    try:
+        while True:
+            if tty:
+                _write("USER: ")
+            line = sys.stdin.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line in ("/exit", "/quit"):
+                break
+            if line == "/reset":
+                session.reset()
+                print("(conversation reset)", flush=True)
+                continue
+            if line == "/image" or line.startswith("/image "):
+                path = line[len("/image"):].strip()
+                if not path:
+                    print("error: /image needs a path", flush=True)
+                    continue
+                try:
+                    session.set_image(load_image(path))
+                    print(f"(image: {path}; new conversation)", flush=True)
+                except ImageError as exc:
+                    print(f"error: {exc}", flush=True)
+                continue
+            if line.startswith("/"):
+                print(f"error: unknown command {line.split()[0]} (/image PATH, /reset, /exit)", flush=True)
+                continue
+            if tty:
+                _write("ASSISTANT: ")
+            session.ask(line, on_text=_write)
+            _write("\n")
+    except KeyboardInterrupt:
+        _write("\n")
+        return 130
     return 0

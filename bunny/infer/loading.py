@@ -1,15 +1,26 @@
-"""Load a model folder for inference: dtype, device, optional int8 quantisation -> a Generator."""
+"""Load a model folder for inference: dtype, device, optional quantisation -> a Generator.
+
+Quantisation (``--quantize``) touches only the language model: it holds nearly all the weights and
+all the per-token matmuls, while the vision tower runs once per image and keeps its accuracy.
+- ``int8`` on CPU: PyTorch's dynamic int8 quantisation of the Linear layers (weights int8,
+  activations quantised on the fly), the fastest CPU option that needs no calibration.
+- ``int8`` / ``int4`` on CUDA: bitsandbytes ``Linear8bitLt`` / ``Linear4bit`` (NF4), as
+  transformers' ``BitsAndBytesConfig`` would do, applied to the already loaded model.
+"""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
+from torch import nn
 
 from bunny.infer.generate import Generator
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
+QUANTIZE_CHOICES = ("none", "int8", "int4")
 
 
 def resolve_dtype(name: str | None) -> torch.dtype | None:
@@ -20,29 +31,72 @@ def resolve_dtype(name: str | None) -> torch.dtype | None:
     return _DTYPES[name]
 
 
-def quantize_int8(model: Any) -> Any:
-    """Dynamic int8 quantisation of the LLM's Linear layers (CPU inference).
+def quantize_int8_dynamic(model: Any) -> Any:
+    """CPU: dynamic int8 quantisation of the language model's Linear layers (in place)."""
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao, which is not pinned to our torch.
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
 
-    Why only the language model: it holds nearly all the weights and all the decode-time matmuls;
-    the vision tower runs once per image and keeps its accuracy in float.
-    """
-    from torch.ao.quantization import quantize_dynamic
-
-    model.language_model = quantize_dynamic(model.language_model, {torch.nn.Linear}, dtype=torch.qint8)
+        model.language_model = quantize_dynamic(model.language_model.float(), {nn.Linear}, dtype=torch.qint8)
     return model
+
+
+def quantize_bnb(model: Any, bits: int, device: str | torch.device = "cuda",
+                 compute_dtype: torch.dtype = torch.bfloat16) -> Any:
+    """bitsandbytes 8-bit (``Linear8bitLt``) or 4-bit NF4 (``Linear4bit``) Linear layers in the language
+    model, except the output head; the weights are quantised when the model moves to ``device``."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise RuntimeError("4/8-bit CUDA quantisation needs bitsandbytes: pip install 'bunny[quant]'") from exc
+
+    def swap(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear) and child is not model.language_model.get_output_embeddings():
+                has_bias = child.bias is not None
+                weight = child.weight.data.to(compute_dtype if bits == 4 else torch.float16)
+                if bits == 8:
+                    new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=has_bias,
+                                              has_fp16_weights=False, threshold=6.0)
+                    new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+                else:
+                    new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=has_bias,
+                                            compute_dtype=compute_dtype, quant_type="nf4")
+                    new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+                if has_bias:
+                    new.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+                setattr(module, name, new)
+            else:
+                swap(child)
+
+    swap(model.language_model)
+    return model.to(device)
 
 
 def load_for_inference(path: str, dtype: str | None = None, device: str | None = None, quantize: str = "none",
                        trust_remote_code: bool = False, model_id: str = "bunny") -> Generator:
+    """``bunny.load_model`` + quantisation -> a :class:`Generator` (the model in eval mode)."""
     from bunny.model.checkpoints import load_model
 
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processor = load_model(path, dtype=resolve_dtype(dtype), device=device,
-                                  trust_remote_code=trust_remote_code)
+    on_cuda = str(device).startswith("cuda")
+    if quantize == "int4" and not on_cuda:
+        raise ValueError("--quantize int4 is bitsandbytes NF4 and needs CUDA; on CPU use --quantize int8")
+    if quantize != "none" and on_cuda:
+        model, processor = load_model(path, dtype=resolve_dtype(dtype), device="cpu",
+                                      trust_remote_code=trust_remote_code)
+        model = quantize_bnb(model, 8 if quantize == "int8" else 4, device=device,
+                             compute_dtype=resolve_dtype(dtype) or torch.bfloat16)
+    else:
+        model, processor = load_model(path, dtype=resolve_dtype(dtype), device=device,
+                                      trust_remote_code=trust_remote_code)
+        if quantize == "int8":
+            model = quantize_int8_dynamic(model)
     model.eval()
-    if quantize == "int8":
-        if device != "cpu":
-            raise ValueError("--quantize int8 is dynamic CPU quantisation; on CUDA load 4/8-bit with bitsandbytes")
-        model = quantize_int8(model)
     return Generator(model, processor, model_id=model_id)

@@ -141,6 +141,10 @@ class BunnyForConditionalGeneration(BunnyPreTrainedModel, GenerationMixin):
         vision_tower: nn.Module | None = None,
     ):
         super().__init__(config)
+        for given in (language_model, vision_tower):
+            if given is not None:  # already built/loaded: post_init() must not re-initialise its weights
+                for module in given.modules():
+                    module._is_hf_initialized = True
         self.vision_tower = vision_tower or build_vision_encoder(
             config.vision_encoder,
             config.vision_config,

@@ -28,30 +28,43 @@ class Job:
     """One submitted request and the channel its events come back on.
 
     Events are ``("text", str)`` deltas (when streaming), then ``("done", GenerationResult)`` or
-    ``("error", Exception)``.
+    ``("error", Exception)``. ``cancel()`` (the client went away) drops the job if it is still
+    queued and ends its row early if it is running.
     """
 
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
     stream: bool
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
 
     def push(self, kind: str, value: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            pass
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 class DynamicBatcher:
-    """Collects jobs for up to ``max_wait_s`` (or until ``max_batch``) and runs them together.
+    """Collects jobs for up to ``max_wait_s`` after the oldest arrived (or until ``max_batch``
+    compatible ones wait) and runs them as one batch.
 
-    Jobs with different sampling parameters never share a batch (generate takes one set), so the
-    worker takes the oldest job and the pending jobs whose parameters equal it, in arrival order.
-    ``max_batch=1`` turns batching off (the baseline of the load benchmark).
+    Jobs whose sampling parameters cannot share logits processors never share a batch
+    (:meth:`SamplingParams.batch_key`), so the worker takes the oldest job and the pending jobs
+    compatible with it, in arrival order. ``max_batch=1`` turns batching off (the baseline of
+    the load benchmark).
     """
 
     def __init__(self, generator: Generator, max_batch: int = 16, max_wait_s: float = 0.01,
                  max_queue: int = 256) -> None:
         if max_batch < 1 or max_queue < 1:
-            raise ValueError("max_batch and max_queue must be >= 1")
+            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
         self.generator = generator
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -61,16 +74,19 @@ class DynamicBatcher:
         self._closed = False
         self.batches_run = 0
         self.rows_run = 0
+        self.busy = False
         self._thread = threading.Thread(target=self._loop, name="bunny-batcher", daemon=True)
         self._thread.start()
 
     def submit(self, request: GenerationRequest, stream: bool = False) -> Job:
+        """Queue ``request`` (call from the event loop that will read the job's events)."""
         job = Job(request=request, loop=asyncio.get_running_loop(), stream=stream)
         with self._cv:
             if self._closed:
-                raise RuntimeError("batcher is closed")
+                raise RuntimeError("the server is shutting down")
             if len(self._pending) >= self.max_queue:
-                raise QueueFullError(f"server busy: {len(self._pending)} requests queued (limit {self.max_queue})")
+                raise QueueFullError(f"server busy: {len(self._pending)} requests queued (limit {self.max_queue}); "
+                                     "retry later")
             self._pending.append(job)
             self._cv.notify()
         return job
@@ -79,36 +95,56 @@ class DynamicBatcher:
     def queued(self) -> int:
         return len(self._pending)
 
+    def stats(self) -> dict[str, Any]:
+        return {"queued": self.queued, "busy": self.busy, "batches_run": self.batches_run,
+                "rows_run": self.rows_run, "max_batch": self.max_batch, "max_queue": self.max_queue}
+
     def close(self) -> None:
+        """Stop the worker after its current batch; queued jobs get an error event."""
         with self._cv:
             self._closed = True
+            pending, self._pending = list(self._pending), collections.deque()
             self._cv.notify_all()
-        self._thread.join(timeout=5)
+        for job in pending:
+            job.push("error", RuntimeError("the server is shutting down"))
+        self._thread.join(timeout=30)
+
+    def _compatible(self, first: Job) -> list[Job]:
+        key = first.request.params.batch_key()
+        if key is None or self.max_batch == 1:
+            return [first]
+        return [j for j in self._pending if j.request.params.batch_key() == key][: self.max_batch]
 
     def _take_batch(self) -> list[Job]:
+        """Block until a batch is due; [] when closed. A batch is due when ``max_batch``
+        compatible jobs wait or the oldest job has waited ``max_wait_s``."""
         with self._cv:
-            while not self._pending and not self._closed:
-                self._cv.wait()
-            if self._closed:
-                return []
-            deadline = time.monotonic() + self.max_wait_s
-            while len(self._pending) < self.max_batch and not self._closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cv.wait(timeout=left)
-            first = self._pending[0]
-            batch = [j for j in self._pending if j.request.params == first.request.params][: self.max_batch]
-            for j in batch:
-                self._pending.remove(j)
-            return batch
+            while True:
+                while self._pending and self._pending[0].cancelled:
+                    self._pending.popleft()
+                if self._closed:
+                    return []
+                if not self._pending:
+                    self._cv.wait()
+                    continue
+                first = self._pending[0]
+                batch = self._compatible(first)
+                left = first.submitted + self.max_wait_s - time.monotonic()
+                if len(batch) < self.max_batch and left > 0:
+                    self._cv.wait(timeout=left)
+                    continue
+                for j in batch:
+                    self._pending.remove(j)
+                batch = [j for j in batch if not j.cancelled]
+                if batch:
+                    self.busy = True
+                    return batch
 
     def _loop(self) -> None:
         while True:
             batch = self._take_batch()
             if not batch:
                 return
-            streaming = [j for j in batch if j.stream]
 
             def on_text(row: int, delta: str, batch: list[Job] = batch) -> None:
                 if batch[row].stream:
@@ -116,12 +152,16 @@ class DynamicBatcher:
 
             try:
                 results: list[GenerationResult] = self.generator.generate(
-                    [j.request for j in batch], on_text=on_text if streaming else None
+                    [j.request for j in batch],
+                    on_text=on_text if any(j.stream for j in batch) else None,
+                    cancelled=lambda row, batch=batch: batch[row].cancelled,
                 )
             except Exception as exc:  # noqa: BLE001 - every waiting client must hear about it
                 for j in batch:
                     j.push("error", exc)
                 continue
+            finally:
+                self.busy = False
             self.batches_run += 1
             self.rows_run += len(batch)
             for j, r in zip(batch, results):

@@ -3,10 +3,13 @@
 The page keeps one :class:`bunny.infer.chat.ChatSession` per browser session (``gr.State``), so
 the conversation logic is the same code ``bunny chat`` uses. Generation runs in a worker thread
 and the page is updated from a queue, because Gradio streams by iterating a Python generator.
+Answers are shown as plain text (no Markdown/HTML rendering): what the model wrote is what the
+user sees.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -17,19 +20,21 @@ from bunny.infer.chat import ChatSession
 from bunny.infer.generate import Generator, SamplingParams
 
 TITLE = "bunny"
+# Gradio reports usage to a remote server unless told not to; this page talks to nobody but its user.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def build_page(generator: Generator, params: SamplingParams | None = None, max_image_pixels: int = 4096 * 4096):
-    """The gr.Blocks page (not launched)."""
+    """The ``gr.Blocks`` page (not launched)."""
     import gradio as gr
 
     params = params or SamplingParams(max_new_tokens=256)
 
-    def respond(message: dict[str, Any], history: list[dict[str, Any]], session: ChatSession | None
+    def respond(message: dict[str, Any] | None, history: list[dict[str, Any]] | None, session: ChatSession | None
                 ) -> Iterator[tuple[Any, list[dict[str, Any]], ChatSession]]:
         session = session or ChatSession(generator, params=params)
-        text = (message or {}).get("text", "").strip()
-        files = (message or {}).get("files", []) or []
+        text = ((message or {}).get("text") or "").strip()
+        files = (message or {}).get("files") or []
         history = list(history or [])
         for f in files:
             path = f if isinstance(f, str) else f.get("path")
@@ -39,7 +44,7 @@ def build_page(generator: Generator, params: SamplingParams | None = None, max_i
                 history.append({"role": "assistant", "content": f"Could not use that image: {exc}"})
                 yield gr.MultimodalTextbox(value=None), history, session
                 return
-            history = [{"role": "user", "content": {"path": path}}]
+            history = [{"role": "user", "content": {"path": path}}]  # a new image starts a new conversation
         if not text:
             yield gr.MultimodalTextbox(value=None), history, session
             return
@@ -51,7 +56,7 @@ def build_page(generator: Generator, params: SamplingParams | None = None, max_i
         def work() -> None:
             try:
                 session.ask(text, on_text=deltas.put)
-            except BaseException as exc:  # noqa: BLE001 - shown on the page
+            except Exception as exc:  # noqa: BLE001 - shown on the page
                 error.append(exc)
             finally:
                 deltas.put(None)
@@ -65,16 +70,18 @@ def build_page(generator: Generator, params: SamplingParams | None = None, max_i
         if error:
             history[-1] = {"role": "assistant", "content": f"Generation failed: {error[0]}"}
         elif not answer:
-            history[-1] = {"role": "assistant", "content": session.messages[-1]["content"] or "(empty answer)"}
+            history[-1] = {"role": "assistant", "content": "(empty answer)"}
         yield gr.MultimodalTextbox(value=None, interactive=True), history, session
 
     def clear() -> tuple[list, None]:
         return [], None
 
     with gr.Blocks(title=TITLE) as page:
-        gr.Markdown(f"## {TITLE} — {generator.model_id}\nUpload an image, then ask about it.")
-        chatbot = gr.Chatbot(height=420, elem_id="chat")
-        box = gr.MultimodalTextbox(file_types=["image"], file_count="single", elem_id="input",
+        gr.Markdown(f"## {TITLE} · {generator.model_id}\nUpload an image (📎), then ask about it. "
+                    "A new image starts a new conversation.")
+        chatbot = gr.Chatbot(height=420, elem_id="chat", label=generator.model_id, render_markdown=False,
+                             sanitize_html=True)
+        box = gr.MultimodalTextbox(file_types=["image"], file_count="single", elem_id="input", show_label=False,
                                    placeholder="Ask about the image…", sources=["upload"])
         reset = gr.Button("New conversation", elem_id="reset")
         state = gr.State(None)

@@ -142,9 +142,12 @@ def prune(output_dir: str | Path, keep: int) -> list[Path]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+    """Every generator's state as plain lists and tensors (loadable with ``weights_only=True``)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -153,8 +156,10 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -168,7 +173,7 @@ def load_rng(ckpt: Path, rank: int) -> bool:
     path = ckpt / "rng" / f"rank{rank}.pt"
     if not path.is_file():
         return False
-    set_rng_state(torch.load(path, weights_only=False))
+    set_rng_state(torch.load(path, weights_only=True))
     return True
 
 
@@ -218,12 +223,12 @@ def save_optimizer(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
 
 
 def load_optimizer(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-    saved = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
+    saved = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
     if saved["names"] != _param_names(model, optimizer):
         raise RuntimeError(f"{ckpt}: optimizer parameter groups differ from the model being trained")
     optimizer.load_state_dict(saved["state"])
     if scheduler is not None and (ckpt / "scheduler.pt").is_file():
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
 
 
 def write_state(tmp: Path, state: dict[str, Any]) -> None:

@@ -53,6 +53,11 @@ class TinyBackbones:
     vision: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)
     seed: int = 0
+    tokenizer: str | None = None
+    """A tokenizer folder, or null: train a small byte-level BPE on the training data's text (saved in
+    ``output_dir/tokenizer`` and reused on resume)."""
+    vocab_size: int = 1024
+    """Size of the BPE trained when ``tokenizer`` is null."""
 
 
 @dataclass
@@ -98,10 +103,17 @@ class TrainConfig:
     image_folder: Path | None = None
     model_max_length: int = 2048
     on_bad_sample: Literal["error", "skip"] = "error"
+    image_check: Literal["decode", "open", "exists", "none"] = "decode"
+    """How validation checks images before training: decode fully (catches truncated files), open the
+    header only (fast on millions of images), check existence, or nothing."""
     group_by_modality_length: bool = True
+    """Image and text-only samples in separate global batches (as Bunny/LLaVA's group_by_modality_length)."""
     group_by_length: bool = True
+    """Samples of similar length share micro-batches (sorted inside windows of length_group_window global batches)."""
+    length_group_window: int = 16
     packing: bool = False
-    """Padding-free packing of several samples per row (attention kept inside each sample)."""
+    """Padding-free packing of each micro-batch into rows of at most model_max_length tokens
+    (attention kept inside each sample)."""
     dataloader_num_workers: int = 0
     max_samples: int | None = None
     """Use only the first N samples (quick runs)."""
@@ -148,6 +160,9 @@ class TrainConfig:
     """A DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json); implies distributed=deepspeed."""
     device: str | None = None
     """cuda / cpu; null = cuda when available."""
+    cpu_threads: int | None = None
+    """torch intra-op threads per process (null = torch's default). Tiny models on a busy CPU run
+    faster with 1: their ops are too small to split."""
 
     # ---- logging and checkpoints ---------------------------------------------------------------
     logging_steps: int = 1

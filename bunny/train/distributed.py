@@ -57,8 +57,19 @@ class DistInfo:
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
 
-def setup(device: str | None = None) -> DistInfo:
-    """Initialise the process group when launched by torchrun; pick this process's device."""
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(device: str | None = None, need_group: bool = False) -> DistInfo:
+    """Initialise the process group when launched by torchrun; pick this process's device.
+
+    ``need_group``: DeepSpeed and FSDP need a process group even for one process; one is made on
+    the spot (local TCP store) when the launcher did not set one up."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -69,11 +80,19 @@ def setup(device: str | None = None) -> DistInfo:
     else:
         dev = torch.device("cpu")
     backend = None
+    if need_group and world == 1 and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        world = 2  # fall through to the initialisation below (with world_size 1)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         dist.init_process_group(backend=backend, device_id=dev if use_cuda else None)
     elif dist.is_initialized():
         backend = dist.get_backend()
+    world = dist.get_world_size() if dist.is_initialized() else 1
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, backend=backend)
 
 

@@ -118,12 +118,36 @@ def prepare_kbit(model: nn.Module) -> None:
 def enable_gradient_checkpointing(model: nn.Module, cfg: TrainConfig) -> None:
     """Recompute the LLM's (and a trained vision tower's) block activations in backward."""
     llm = llm_of(model)
-    llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _checkpointing(llm, True)
     if hasattr(llm.config, "use_cache"):
         llm.config.use_cache = False
-    vt = model.vision_tower
-    if cfg.unfreeze_vision_tower and hasattr(vt, "gradient_checkpointing_enable"):
-        vt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.unfreeze_vision_tower:
+        inner = getattr(model.vision_tower, "vision_tower", None)  # the encoder's transformers model
+        for m in (model.vision_tower, inner):
+            if m is not None and (hasattr(m, "activation_checkpointing_enable")
+                                  or hasattr(m, "gradient_checkpointing_enable")):
+                _checkpointing(m, True)
+                break
+
+
+def _checkpointing(module: nn.Module, on: bool) -> None:
+    """transformers 5 names it activation checkpointing (the gradient_* names are deprecated aliases)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(module, "activation_checkpointing_enable"):
+        if on:
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            module.activation_checkpointing_disable()
+    elif on:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        module.gradient_checkpointing_disable()
+
+
+def disable_gradient_checkpointing(model: nn.Module) -> None:
+    llm = llm_of(model)
+    if getattr(llm, "is_activation_checkpointing", False):
+        _checkpointing(llm, False)
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:

@@ -31,7 +31,8 @@ from bunny.data.synthetic.questions import (
 from bunny.data.synthetic.scenes import COLOR_NAMES, NUMBER_WORDS, SHAPES, Scene, caption, description
 
 IMAGE = "<image>"
-YN_SUFFIXES = (SHORT_SUFFIX, " Please answer yes or no.")
+# how yes/no questions end: VQA-style, MME's own phrasing, and MME as LLaVA-1.5 asks it (both)
+YN_SUFFIXES = (SHORT_SUFFIX, " Please answer yes or no.", " Please answer yes or no." + SHORT_SUFFIX)
 
 # Kinds of image conversation and their share of the image part.
 IMAGE_KINDS = {"short": 0.34, "yesno": 0.2, "mc": 0.16, "multi": 0.18, "describe": 0.07, "caption": 0.05}
@@ -73,7 +74,7 @@ def _yesno(scene, rng):
     for _ in range(10):
         qa = ask(_pick(rng, YN_WEIGHTS), scene, rng)
         if qa is not None:
-            return qa.question + YN_SUFFIXES[int(rng.integers(2))], qa.answer
+            return qa.question + YN_SUFFIXES[int(rng.integers(len(YN_SUFFIXES)))], qa.answer
     raise RuntimeError("no question applies")
 
 
@@ -83,6 +84,8 @@ def _mc(scene, rng):
         if qa is not None and len(qa.space) >= 2:
             n = int(rng.integers(2, 5))
             opts, k = choices_for(qa, rng, n)
+            if rng.random() < 0.25:  # MMMU's layout: "(A) red" options, "<image 1>" in the question
+                return mc_text(f"<image 1> {qa.question}", opts, style="paren"), LETTERS[k]
             hint = HINTS[int(rng.integers(len(HINTS)))] if rng.random() < 0.25 else None
             if hint and rng.random() < 0.5:
                 hint = "Context: " + hint

@@ -55,6 +55,11 @@ def plural(shape: str) -> str:
     return shape + "s"
 
 
+def a(noun_phrase: str) -> str:
+    """``"a red circle"``, ``"an orange square"``."""
+    return ("an " if noun_phrase[:1] in "aeiou" else "a ") + noun_phrase
+
+
 def _choice(rng: np.random.Generator, seq):
     seq = list(seq)
     return seq[int(rng.integers(len(seq)))]
@@ -231,7 +236,7 @@ def _absent_category(scene, rng, prefer: list[str] | None = None) -> str:
 
 def yn_exists(scene, rng, want: bool):
     name = _choice(rng, scene.objects).name if want else _absent_category(scene, rng)
-    q = _choice(rng, (f"Is there a {name} in the image?", f"Is there a {name} in this image?"))
+    q = _choice(rng, (f"Is there {a(name)} in the image?", f"Is there {a(name)} in this image?"))
     return QA(q, _yn(want), "exists", (YES, NO))
 
 
@@ -321,7 +326,7 @@ def yn_identity(scene, rng, want: bool):
             name = f"{o.color} {_choice(rng, [s for s in SHAPES if s != o.shape])}"
     pos = position_name(o.row, o.col, scene.grid)
     where = "in the center" if pos == "center" else f"at the {pos}"
-    return QA(f"Is the object {where} a {name}?", _yn(want), "identity", (YES, NO))
+    return QA(f"Is the object {where} {a(name)}?", _yn(want), "identity", (YES, NO))
 
 
 def _altered(scene: Scene, rng: np.random.Generator) -> Scene:
@@ -438,11 +443,21 @@ def choices_for(qa: QA, rng: np.random.Generator, n: int = 4) -> tuple[list[str]
     return opts, opts.index(qa.answer)
 
 
-def mc_text(question: str, options: list[str], hint: str | None = None) -> str:
-    """The LLaVA/Bunny multiple-choice prompt body (without the image placeholder)."""
+MC_STYLES = ("letter", "paren")
+
+
+def mc_text(question: str, options: list[str], hint: str | None = None, style: str = "letter") -> str:
+    """A multiple-choice prompt body (without the image placeholder). ``letter``: the LLaVA/Bunny
+    layout (``A. red`` lines, as ScienceQA, MMBench and SEED are asked); ``paren``: MMMU's
+    (``(A) red`` lines and a blank line before the instruction)."""
+    if style not in MC_STYLES:
+        raise ValueError(f"unknown multiple-choice style {style!r}; known: {', '.join(MC_STYLES)}")
     lines = []
     if hint:
         lines.append(hint)
     lines.append(question)
-    lines += [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
-    return "\n".join(lines) + MC_SUFFIX
+    if style == "letter":
+        lines += [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
+        return "\n".join(lines) + MC_SUFFIX
+    lines += [f"({LETTERS[i]}) {o}" for i, o in enumerate(options)]
+    return "\n".join(lines) + "\n" + MC_SUFFIX

@@ -3,7 +3,7 @@
 A task is three things (lmms-eval's contract, kept small):
 
 1. ``docs()`` -- the questions, read from the files of the benchmark's official release laid out
-   under a data folder (``../shared/BENCHMARK_FORMATS.md``, ``docs/eval.md``). Each :class:`Doc`
+   under a data folder (``../shared/BENCHMARK_FORMATS.md``, ``docs/evaluation.md``). Each :class:`Doc`
    has the ``question_id`` written to answers files, the user ``prompt`` (text with one ``<image>``
    placeholder per image, before any chat template), and ``images`` (paths, bytes or lazy refs).
 2. ``load_images(doc)`` -- the doc's images as RGB PIL images (only the runner needs them; scoring
@@ -35,6 +35,8 @@ logger = logging.getLogger("bunny.eval")
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."
 IMAGE = "<image>"
+# The order of the Bunny table (RECIPE.md); "all" runs and reports the tasks in this order.
+PAPER_ORDER = ("mme", "mmbench", "seed", "mmmu", "vqav2", "gqa", "sqa", "pope")
 
 
 class EvalDataError(ValueError):
@@ -153,7 +155,7 @@ class Task:
     def __init__(self, data_dir: str | Path, split: str | None = None, **options: Any) -> None:
         self.data_dir = Path(data_dir)
         if not self.data_dir.is_dir():
-            raise EvalDataError(f"{self.data_dir}: {self.name} data folder not found (see docs/eval.md)")
+            raise EvalDataError(f"{self.data_dir}: {self.name} data folder not found (see docs/evaluation.md)")
         unknown = set(options) - set(self.option_names)
         if unknown:
             known = ", ".join(sorted(self.option_names)) or "(none)"
@@ -300,7 +302,7 @@ def _register_all() -> None:
 _register_all()
 
 __all__ = [
-    "IMAGE", "MULTIPLE_CHOICE", "SHORT_ANSWER", "TASKS", "AnswerFile", "Doc", "EvalDataError", "Task",
+    "IMAGE", "MULTIPLE_CHOICE", "PAPER_ORDER", "SHORT_ANSWER", "TASKS", "AnswerFile", "Doc", "EvalDataError", "Task",
     "as_answer_file", "build_task", "flatten", "get_value", "pct", "read_answers", "read_json",
     "read_json_object",
 ]

@@ -32,6 +32,7 @@ from bunny.eval.tasks import IMAGE, MULTIPLE_CHOICE, TASKS, Doc, EvalDataError, 
 CIRCULAR = 1_000_000
 LETTERS = ["A", "B", "C", "D", "E", "F", "G", "H", "I"]
 CN_SUFFIX = "请直接回答选项字母。"
+_XLSX_ILLEGAL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 _REJECT = [
     "Sorry, I can't help with images of people yet.",
     "I can't process this file.",
@@ -81,7 +82,11 @@ def can_infer(answer: str, choices: dict[str, str]) -> str | None:
 class MMBench(Task):
     name = "mmbench"
     max_new_tokens = 128
-    option_names = {"lang": "en or cn (default: cn when the file name says CN)"}
+    option_names = {
+        "lang": "en or cn (default: cn when the file name says CN)",
+        "circular": "file (default: the copies the TSV holds) or rotate (add the rotated copies a legacy TSV "
+                    "lacks, as LLaVA's --all-rounds does, so a local dev score is circular too)",
+    }
 
     def _tsv(self) -> Path:
         tsvs = sorted(self.data_dir.glob("*.tsv"))
@@ -170,14 +175,50 @@ class MMBench(Task):
             l2 = row.get("l2-category")
             docs.append(Doc(
                 question_id=index,
-                prompt=f"{IMAGE}\n{question}\n{opts}\n{suffix}",
+                prompt=f"{IMAGE}\n{question}\n{opts}\n{suffix}",  # question: hint + question
                 images=[_B64Ref(self, index, where)],
                 target=target,
-                meta={"choices": choices, "group": index % CIRCULAR,
+                meta={"choices": choices, "group": index % CIRCULAR, "question": question,
                       "category": None if is_missing_value(cat) else str(cat),
                       "l2": None if is_missing_value(l2) else str(l2), "line": line},
             ))
+        mode = self.options.get("circular", "file")
+        if mode not in ("file", "rotate"):
+            raise EvalDataError(f"mmbench: option circular must be 'file' or 'rotate', got {mode!r}")
+        if mode == "rotate":
+            docs = self._rotated(docs, suffix)
         return docs
+
+    def _rotated(self, docs: list[Doc], suffix: str) -> list[Doc]:
+        """Each question the TSV holds once, followed by its rotations: copy k shows original
+        option k as A (LLaVA's ``options[1:] + options[:1]`` per round) and gets index
+        ``original + k * 1,000,000``; its image is the original row's."""
+        per_group: dict[int, int] = defaultdict(int)
+        for d in docs:
+            per_group[d.meta["group"]] += 1
+        out: list[Doc] = []
+        for d in docs:
+            out.append(d)
+            if per_group[d.meta["group"]] > 1 or int(d.question_id) >= CIRCULAR:
+                continue  # the file already has this question's copies
+            letters = list(d.meta["choices"])
+            texts = list(d.meta["choices"].values())
+            n = len(letters)
+            for k in range(1, n):
+                choices = dict(zip(letters, texts[k:] + texts[:k]))
+                index = int(d.question_id) + k * CIRCULAR
+                self._images[index] = str(d.question_id)
+                opts = "\n".join(f"{L}. {v}" for L, v in choices.items())
+                target = None if d.target is None else letters[(letters.index(d.target) - k) % n]
+                ref = d.images[0]
+                out.append(Doc(
+                    question_id=index,
+                    prompt=f"{IMAGE}\n{d.meta['question']}\n{opts}\n{suffix}",
+                    images=[_B64Ref(self, index, f"{ref.where} (rotation {k})")],
+                    target=target,
+                    meta={**d.meta, "choices": choices},
+                ))
+        return out
 
     def _image_bytes(self, index: int, where: str) -> bytes:
         cell = self._images.get(index)
@@ -257,7 +298,9 @@ class MMBench(Task):
         df["index"] = [int(float(i)) for i in df["index"]]
         opt_cols = [c for c in keep if c in LETTERS]
         at = keep.index(opt_cols[-1]) + 1 if opt_cols else len(keep)
-        df.insert(at, "prediction", [texts.get(str(i)) for i in df["index"]])
+        # Excel cells cannot hold control characters (a random or broken model emits them): drop them
+        preds = [texts.get(str(i)) for i in df["index"]]
+        df.insert(at, "prediction", [_XLSX_ILLEGAL.sub("", p) if isinstance(p, str) else p for p in preds])
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "submission.xlsx"
         df.to_excel(path, index=False, engine="openpyxl")

@@ -143,8 +143,8 @@ class MME(Task):
             subtasks[sub] = 100 * acc + 100 * acc_plus
             detail[sub] = {"acc": 100 * acc, "acc_plus": 100 * acc_plus}
         return {
-            "perception": sum(v for k, v in subtasks.items() if k in PERCEPTION),
-            "cognition": sum(v for k, v in subtasks.items() if k in COGNITION),
+            "perception": sum((v for k, v in subtasks.items() if k in PERCEPTION), 0.0),
+            "cognition": sum((v for k, v in subtasks.items() if k in COGNITION), 0.0),
             "subtasks": subtasks,
             "subtask_detail": detail,
             "other_answers": other,

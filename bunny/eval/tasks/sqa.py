@@ -17,10 +17,8 @@ anything else is wrong, as is a letter beyond the question's choices. Only the c
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 from bunny.eval.tasks import IMAGE, MULTIPLE_CHOICE, TASKS, Doc, EvalDataError, Task, pct, read_json_object

@@ -6,9 +6,11 @@ Layout: ``v2_OpenEnded_mscoco_<split>_questions.json`` and, for splits with publ
 ``<split>/`` folders as unzipped from COCO are accepted too). question_id: the int question_id.
 
 Scoring: the prediction goes through the EvalAI answer processor (as the submission converter of
-LLaVA/Bunny does), then the official ``vqaEval.py`` accuracy: when the ten human answers differ,
-both sides are normalised again (punctuation, digits, articles, contractions); each of the ten
-leave-one-out subsets scores min(#matching humans / 3, 1); the question scores their mean.
+LLaVA/Bunny does), then the official ``vqaEval.py`` accuracy (GT-Vision-Lab/VQA): the prediction is
+normalised again (punctuation, digits, articles, contractions), the human answers only have their
+punctuation processed and only when the ten differ; each of the ten leave-one-out subsets scores
+min(#matching humans / 3, 1); the question scores their mean. (Some copies of vqaEval.py also
+normalise the human answers' digits and articles; the official one does not: docs/evaluation.md.)
 A split without annotations (test-dev, test) writes ``submission.json`` for the EvalAI server:
 every test2015 question when ``v2_OpenEnded_mscoco_test2015_questions.json`` is there (the server
 wants all of them; unanswered ones get ""), else this split's questions.
@@ -99,33 +101,30 @@ def evalai_answer(text: str) -> str:
 
 
 def vqa_accuracy(prediction: str, human_answers: list[str]) -> float:
-    """The official per-question accuracy (0..1) of an already EvalAI-processed prediction."""
-    res = prediction.replace("\n", " ").replace("\t", " ").strip()
-    gts = [a.replace("\n", " ").replace("\t", " ").strip() for a in human_answers]
+    """The official per-question accuracy (0..1): GT-Vision-Lab ``vqaEval.py``, literally.
+
+    The prediction is normalised (punctuation, then digits/articles/contractions); the human
+    answers only get the punctuation step, and only when the ten of them differ. Each human is
+    left out in turn: min(#other humans matching / 3, 1), averaged over the ten.
+    """
+    table = _score_table(human_answers)
+    return table.get(_normalise_prediction(prediction), 0.0)
+
+
+def _normalise_prediction(text: str) -> str:
+    res = text.replace("\n", " ").replace("\t", " ").strip()
+    return process_digit_article(process_punctuation(res))
+
+
+def _score_table(human_answers: list[str]) -> dict[str, float]:
+    """Per-question precomputation: normalised prediction -> accuracy (absent: 0)."""
+    gts = list(human_answers)
     if len(set(gts)) > 1:
-        gts = [process_digit_article(process_punctuation(a)) for a in gts]
-        res = process_digit_article(process_punctuation(res))
-    matches = sum(1 for a in gts if a == res)
-    # leave-one-out: for a human whose answer equals res, one fewer match among the others
-    total = 0.0
-    for a in gts:
-        total += min(1.0, (matches - (a == res)) / 3)
-    return total / len(gts)
-
-
-def _score_table(human_answers: list[str]) -> tuple[dict[str, float], bool]:
-    """Per-question precomputation: processed-answer -> accuracy, and whether answers differ."""
-    gts = [a.replace("\n", " ").replace("\t", " ").strip() for a in human_answers]
-    differ = len(set(gts)) > 1
-    if differ:
-        gts = [process_digit_article(process_punctuation(a)) for a in gts]
+        gts = [process_punctuation(a) for a in gts]
     counts = Counter(gts)
     n = len(gts)
-    table = {}
-    for ans, m in counts.items():
-        # m humans gave `ans`: their leave-one-out subsets have m-1 matches, the others m
-        table[ans] = (m * min(1.0, (m - 1) / 3) + (n - m) * min(1.0, m / 3)) / n
-    return table, differ
+    # m humans gave `ans`: their leave-one-out subsets have m-1 matches, the n-m others m
+    return {ans: (m * min(1.0, (m - 1) / 3) + (n - m) * min(1.0, m / 3)) / n for ans, m in counts.items()}
 
 
 @TASKS.register("vqav2")
@@ -219,11 +218,7 @@ class VQAv2(Task):
             text = texts.get(d.key)
             acc = 0.0
             if text is not None:
-                table, differ = _score_table(d.target["answers"])
-                res = evalai_answer(text).replace("\n", " ").replace("\t", " ").strip()
-                if differ:
-                    res = process_digit_article(process_punctuation(res))
-                acc = table.get(res, 0.0)
+                acc = vqa_accuracy(evalai_answer(text), d.target["answers"])
             total += acc
             t = d.meta.get("answer_type")
             if t:

@@ -156,12 +156,16 @@ class VisionEncoder(nn.Module):
         """The wrapped transformers module whose state dict is the checkpoint's vision part."""
         return self.vision_tower
 
-    @staticmethod
-    def image_processor_config(path: str | Path | None, vision_config: PretrainedConfig | None = None) -> dict:
+    #: normalisation used when a vision folder has no preprocessor_config.json (fresh/tiny models)
+    default_image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    default_image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    @classmethod
+    def image_processor_config(cls, path: str | Path | None, vision_config: PretrainedConfig | None = None) -> dict:
         """``{"image_mean", "image_std", "size"}`` from the folder's preprocessor_config.json.
 
-        Falls back to CLIP's statistics for a missing file only when ``vision_config`` is given
-        (the size then comes from the config); otherwise a missing file is an error.
+        Falls back to the encoder's default statistics for a missing file only when ``vision_config``
+        is given (the size then comes from the config); otherwise a missing file is an error.
         """
         file = Path(path) / "preprocessor_config.json" if path is not None else None
         if file is not None and file.is_file():
@@ -173,7 +177,8 @@ class VisionEncoder(nn.Module):
             return {"image_mean": list(raw["image_mean"]), "image_std": list(raw["image_std"]), "size": int(size)}
         if vision_config is None:
             raise FileNotFoundError(f"{file}: no preprocessor_config.json (image mean/std/size) in the vision folder")
-        return {"image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), "size": int(vision_config.image_size)}
+        return {"image_mean": list(cls.default_image_mean), "image_std": list(cls.default_image_std),
+                "size": int(vision_config.image_size)}
 
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -234,6 +239,7 @@ def vision_config_class(name: str) -> type[PretrainedConfig]:
 
 # Register the encoders (each file registers itself). eva_clip/s2 are optional while being written.
 from bunny.model.vision import clip, siglip  # noqa: E402,F401
+
 
 def _import_optional(module: str) -> None:
     import importlib

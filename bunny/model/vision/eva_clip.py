@@ -450,11 +450,11 @@ class EvaClipEncoder(VisionEncoder):
             enc.to(dtype)
         return enc
 
-    @staticmethod
-    def image_processor_config(path: str | Path | None, vision_config: PretrainedConfig | None = None) -> dict:
+    @classmethod
+    def image_processor_config(cls, path: str | Path | None, vision_config: PretrainedConfig | None = None) -> dict:
         """EVA-CLIP normalises with OpenAI CLIP's mean/std; a folder's preprocessor_config.json wins."""
         if path is not None and (Path(path) / "preprocessor_config.json").is_file():
-            return VisionEncoder.image_processor_config(path)
+            return super().image_processor_config(path)
         size = int(vision_config.image_size) if vision_config is not None else EvaVisionConfig().image_size
         return {"image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), "size": size}
 

@@ -20,6 +20,8 @@ class SiglipEncoder(VisionEncoder):
     config_class = SiglipVisionConfig
     num_prefix_tokens = 0
     default_feature_select = "full"
+    default_image_mean = (0.5, 0.5, 0.5)
+    default_image_std = (0.5, 0.5, 0.5)
 
     def build(self, vision_config: SiglipVisionConfig) -> None:
         self.vision_tower = SiglipVisionModel(vision_config)

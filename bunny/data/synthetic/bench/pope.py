@@ -15,6 +15,7 @@ from itertools import permutations
 from pathlib import Path
 
 from bunny.data.synthetic.bench.common import BenchContext, metrics
+from bunny.data.synthetic.questions import a
 from bunny.data.synthetic.scenes import COLOR_NAMES, SHAPES
 
 SPLITS = ("random", "popular", "adversarial")
@@ -49,7 +50,7 @@ def write(out: Path, ctx: BenchContext, size: int) -> dict:
             for p, q in zip(pos, neg):
                 for obj, label in ((p, "yes"), (q, "no")):
                     rows.append({"question_id": len(rows) + 1, "image": name,
-                                 "text": f"Is there a {obj} in the image?", "label": label})
+                                 "text": f"Is there {a(obj)} in the image?", "label": label})
         with open(out / f"coco_pope_{split}.json", "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")

@@ -88,7 +88,7 @@ def write(out: Path, ctx: BenchContext, size: int) -> dict:
     with open(out / "SEED-Bench.json", "w", encoding="utf-8") as f:
         json.dump({"questions": questions, "question_type": QUESTION_TYPE}, f)
     return {
-        **metrics("image_accuracy", image_accuracy=(25.0, 100.0), video_accuracy=(25.0, 100.0), accuracy=(25.0, 100.0)),
+        **metrics("accuracy", accuracy=(25.0, 100.0), image_accuracy=(25.0, 100.0), video_accuracy=(25.0, 100.0)),
         "questions": len(questions),
         "images": n_img,
     }

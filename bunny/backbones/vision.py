@@ -1,0 +1,246 @@
+"""A small SigLIP-style vision+text model trained on the synthetic world, saved as a ``SiglipModel``
+folder (both towers, the tokenizer and the image processor), exactly the layout of
+google/siglip-so400m-patch14-384: curation embeds with it (``get_image_features`` /
+``get_text_features``) and the multimodal model takes its vision tower.
+
+Two objectives, because the demo has seconds, not days:
+- SigLIP's sigmoid image-caption loss. transformers 5 initialises ``logit_scale`` and ``logit_bias``
+  to 0, and from there the loss learns nothing in a few hundred steps (measured: the issue's
+  warning); the SigLIP paper's ``log(10)`` and ``-10`` make it learn at once, so we set them.
+- An auxiliary attribute loss from the scene facts: linear heads read, from every patch token of the
+  layer the MLLM uses (``feature_layer``, second-to-last by default), the shape, color and size of
+  the object in that patch's grid cell (or "nothing"), and the background from their mean. With
+  ``image_size / patch_size == grid`` one patch sees exactly one cell, so every fact the
+  questions ask about is in exactly one token. The heads are dropped when saving.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bunny.data.synthetic.scenes import (
+    BACKGROUND_NAMES,
+    COLOR_NAMES,
+    SHAPES,
+    SIZES,
+    Scene,
+    caption,
+    render,
+    sample_scene,
+)
+
+NOTHING = 0  # class 0 of every per-cell head: an empty cell
+
+
+@dataclass
+class VisionSettings:
+    image_size: int = 48
+    patch_size: int = 16
+    grid: int = 3
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate_size: int = 512
+    text_hidden_size: int = 128
+    text_layers: int = 2
+    text_max_positions: int = 64
+    feature_layer: int = -2  # where the attribute heads read (the MLLM's vision_feature_layer)
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 20
+    weight_decay: float = 0.05
+    aux_weight: float = 1.0
+    logit_scale_init: float = math.log(10.0)
+    logit_bias_init: float = -10.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if (self.image_size // self.patch_size) % self.grid:
+            raise ValueError(f"{self.image_size // self.patch_size} patches per side cannot tile a {self.grid}x{self.grid} grid")
+
+
+# ------------------------------------------------------------------------------------------ model
+def build_model(tok, s: VisionSettings):
+    """A fresh ``SiglipModel`` with SigLIP-paper scale/bias initialisation."""
+    from transformers import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=s.hidden_size, intermediate_size=s.intermediate_size, num_hidden_layers=s.layers,
+        num_attention_heads=s.heads, image_size=s.image_size, patch_size=s.patch_size, num_channels=3,
+    )
+    text = SiglipTextConfig(
+        vocab_size=len(tok), hidden_size=s.text_hidden_size, intermediate_size=4 * s.text_hidden_size,
+        num_hidden_layers=s.text_layers, num_attention_heads=s.heads,
+        max_position_embeddings=s.text_max_positions, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=None, projection_size=s.hidden_size,
+    )
+    torch.manual_seed(s.seed)
+    model = SiglipModel(SiglipConfig(text_config=text.to_dict(), vision_config=vision.to_dict()))
+    with torch.no_grad():
+        model.logit_scale.fill_(s.logit_scale_init)
+        model.logit_bias.fill_(s.logit_bias_init)
+    return model
+
+
+def image_processor(s: VisionSettings):
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    return SiglipImageProcessorPil(size={"height": s.image_size, "width": s.image_size},
+                                   image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+
+
+class AttributeHeads(nn.Module):
+    """Per-cell shape/color/size (class 0 = nothing there) and the background, read linearly."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.shape = nn.Linear(dim, 1 + len(SHAPES))
+        self.color = nn.Linear(dim, 1 + len(COLOR_NAMES))
+        self.size = nn.Linear(dim, 1 + len(SIZES))
+        self.background = nn.Linear(dim, len(BACKGROUND_NAMES))
+
+    def forward(self, cells: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"shape": self.shape(cells), "color": self.color(cells), "size": self.size(cells),
+                "background": self.background(cells.mean(1))}
+
+
+def cell_targets(scenes: list[Scene], grid: int) -> dict[str, torch.Tensor]:
+    n = grid * grid
+    shape = torch.zeros(len(scenes), n, dtype=torch.long)
+    color = torch.zeros_like(shape)
+    size = torch.zeros_like(shape)
+    for i, sc in enumerate(scenes):
+        for o in sc.objects:
+            k = o.row * grid + o.col
+            shape[i, k] = 1 + SHAPES.index(o.shape)
+            color[i, k] = 1 + COLOR_NAMES.index(o.color)
+            size[i, k] = 1 + SIZES.index(o.size)
+    bg = torch.tensor([BACKGROUND_NAMES.index(sc.background) for sc in scenes])
+    return {"shape": shape, "color": color, "size": size, "background": bg}
+
+
+def patches_to_cells(tokens: torch.Tensor, grid: int) -> torch.Tensor:
+    """[B, P*P, C] patch tokens -> [B, grid*grid, C], averaging the patches of each cell."""
+    b, n, c = tokens.shape
+    side = int(round(math.sqrt(n)))
+    if side == grid:
+        return tokens
+    x = tokens.transpose(1, 2).reshape(b, c, side, side)
+    return F.adaptive_avg_pool2d(x, grid).flatten(2).transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------------- data
+def batch(tok, rng: np.random.Generator, s: VisionSettings):
+    scenes = [sample_scene(rng, s.grid) for _ in range(s.batch_size)]
+    mean = std = np.float32(0.5)
+    pixels = np.stack([
+        ((np.asarray(render(sc, s.image_size, rng), dtype=np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)
+        for sc in scenes
+    ])
+    caps = [caption(sc, rng) for sc in scenes]
+    ids = tok(caps, padding="max_length", truncation=True, max_length=s.text_max_positions,
+              return_tensors="pt")["input_ids"]
+    return torch.from_numpy(pixels), ids, cell_targets(scenes, s.grid), caps
+
+
+def sigmoid_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss: every (image, caption) pair is a binary problem."""
+    logits = F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).t() * scale.exp() + bias
+    labels = 2 * torch.eye(len(img), device=img.device) - 1
+    return -F.logsigmoid(labels * logits).sum(-1).mean()
+
+
+def lr_at(step: int, s: VisionSettings) -> float:
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    p = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.lr * 0.5 * (1 + math.cos(math.pi * p))
+
+
+@torch.no_grad()
+def evaluate(model, heads, tok, s: VisionSettings, n: int = 256) -> dict[str, float]:
+    """Held-out figures: caption retrieval top-1 (image -> its caption among ``n``), and per-cell
+    attribute accuracy of the heads (non-empty cells)."""
+    model.eval()
+    rng = np.random.default_rng(s.seed + 1_000_003)
+    ev = VisionSettings(**{**asdict(s), "batch_size": n})
+    pixels, ids, tgt, _ = batch(tok, rng, ev)
+    out = model.vision_model(pixel_values=pixels, output_hidden_states=True)
+    img = model.get_image_features(pixel_values=pixels)
+    txt = model.get_text_features(input_ids=ids)
+    img = img if torch.is_tensor(img) else img.pooler_output
+    txt = txt if torch.is_tensor(txt) else txt.pooler_output
+    sim = F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).t()
+    retrieval = float((sim.argmax(1) == torch.arange(n)).float().mean())
+    pred = heads(patches_to_cells(out.hidden_states[s.feature_layer], s.grid))
+    occupied = tgt["shape"] > 0
+    acc = {k: float((pred[k].argmax(-1) == tgt[k])[occupied].float().mean()) for k in ("shape", "color", "size")}
+    acc["background"] = float((pred["background"].argmax(-1) == tgt["background"]).float().mean())
+    acc["empty"] = float((pred["shape"].argmax(-1) == 0)[~occupied].float().mean())
+    model.train()
+    return {"retrieval_top1": round(retrieval, 3), **{f"attr_{k}": round(v, 3) for k, v in acc.items()}}
+
+
+def train_vision(tok, out_dir: str | Path, s: VisionSettings, log=print) -> dict:
+    """Train the two towers (+ attribute heads), save the ``SiglipModel`` folder; return figures."""
+    model = build_model(tok, s)
+    heads = AttributeHeads(s.hidden_size)
+    params = list(model.parameters()) + list(heads.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95))
+    rng = np.random.default_rng(s.seed)
+    model.train()
+    t0 = time.perf_counter()
+    losses, aux_losses = [], []
+    for step in range(s.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, s)
+        pixels, ids, tgt, _ = batch(tok, rng, s)
+        vis = model.vision_model(pixel_values=pixels, output_hidden_states=True)
+        txt = model.text_model(input_ids=ids)
+        # pooler outputs are the towers' embeddings (attention-pooling head / last token + head)
+        loss_c = sigmoid_loss(vis.pooler_output, txt.pooler_output, model.logit_scale, model.logit_bias)
+        pred = heads(patches_to_cells(vis.hidden_states[s.feature_layer], s.grid))
+        loss_a = sum(F.cross_entropy(pred[k].flatten(0, -2), tgt[k].flatten()) for k in pred)
+        loss = loss_c + s.aux_weight * loss_a
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss_c))
+        aux_losses.append(float(loss_a))
+        if log and (step % 50 == 0 or step == s.steps - 1):
+            log(f"  vision step {step:4d}/{s.steps} sigmoid {loss_c.item():.3f} attributes {loss_a.item():.3f} "
+                f"({time.perf_counter() - t0:.0f} s)")
+    seconds = time.perf_counter() - t0
+    figures = evaluate(model, heads, tok, s)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    image_processor(s).save_pretrained(out)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "seconds": round(seconds, 1),
+        "sigmoid_loss_first": round(float(np.mean(losses[:10])), 4),
+        "sigmoid_loss_last": round(float(np.mean(losses[-10:])), 4),
+        "attribute_loss_first": round(float(np.mean(aux_losses[:10])), 4),
+        "attribute_loss_last": round(float(np.mean(aux_losses[-10:])), 4),
+        "logit_scale": round(float(model.logit_scale), 4),
+        "logit_bias": round(float(model.logit_bias), 4),
+        "losses": [round(x, 4) for x in losses],
+        **figures,
+        "settings": asdict(s),
+    }

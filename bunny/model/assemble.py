@@ -1,0 +1,138 @@
+"""Assembly from parts: a vision checkpoint + an LLM checkpoint -> a fresh Bunny with a new projector.
+
+This is how stage 1 starts (``bunny train`` with ``vision_tower`` and ``language_model``): both
+backbones keep their pretrained weights, only the projector is new. Any local HF folder works:
+
+* vision: a ``SiglipModel``/``SiglipVisionModel`` or ``CLIPModel``/``CLIPVisionModel`` folder
+  (transformers 4.x or 5 key names), or an EVA02-CLIP checkpoint file/folder (``visual.*``);
+  its ``preprocessor_config.json`` gives the image mean/std;
+* LLM: any causal-LM folder of a registered family (or ``generic``), with its tokenizer.
+
+The tokenizer gets an ``<image>`` special token when it has none; its id is ``image_token_id``.
+The embedding matrix is not resized: image positions are never looked up (the model writes image
+features there), so an id at or beyond the LLM's vocabulary is fine for Bunny itself; export to
+transformers' Llava adds the row it needs then.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from bunny.model.checkpoints import configure_generation, default_image_processor
+from bunny.model.language import LLM_FAMILIES, family_for_config, load_text_config
+from bunny.model.processing import BunnyProcessor
+from bunny.model.vision import VISION_ENCODERS, read_json
+
+IMAGE_TOKEN = "<image>"
+#: vision config model_type -> encoder registry name
+VISION_MODEL_TYPES = {
+    "siglip": "siglip", "siglip_vision_model": "siglip",
+    "clip": "clip", "clip_vision_model": "clip",
+    "bunny_eva_vision": "eva_clip",
+}
+
+
+def detect_vision_encoder(path: str | Path) -> str:
+    """The encoder registry name for a vision checkpoint folder (or EVA checkpoint file)."""
+    path = Path(path)
+    if path.is_file():
+        return "eva_clip"  # a bare .pt/.safetensors file: the released EVA-CLIP layout
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: vision checkpoint not found")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        if any(path.glob("*.pt")) or any(path.glob("*.safetensors")) or any(path.glob("*.pth")):
+            return "eva_clip"
+        raise FileNotFoundError(f"{path}: no config.json and no weights file: not a vision checkpoint")
+    model_type = read_json(config_file).get("model_type")
+    if model_type not in VISION_MODEL_TYPES:
+        raise ValueError(
+            f"{config_file}: cannot tell the vision encoder from model_type {model_type!r} (known: "
+            f"{', '.join(sorted(VISION_MODEL_TYPES))}); pass vision_encoder= one of {', '.join(VISION_ENCODERS.names())}"
+        )
+    return VISION_MODEL_TYPES[model_type]
+
+
+def add_image_token(tokenizer: Any, image_token: str = IMAGE_TOKEN) -> int:
+    """The id of ``image_token`` in ``tokenizer``, added as a special token when missing."""
+    vocab = tokenizer.get_vocab()
+    if image_token not in vocab:
+        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]},
+                                     replace_extra_special_tokens=False)
+    return int(tokenizer.convert_tokens_to_ids(image_token))
+
+
+def assemble_model(
+    vision_path: str | Path,
+    llm_path: str | Path,
+    projector_type: str = "mlp2x_gelu",
+    llm_family: str | None = None,
+    vision_encoder: str | None = None,
+    vision_feature_layer: int = -2,
+    vision_feature_select: str | None = None,
+    s2_scales: list[int] | None = None,
+    image_aspect_ratio: str = "pad",
+    chat_template: str | None = None,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    tokenizer_path: str | Path | None = None,
+    seed: int | None = None,
+) -> tuple[Any, BunnyProcessor]:
+    """Build ``(model, processor)`` from a vision checkpoint and an LLM folder; the projector is new
+    (seeded with ``seed`` when given). Names left None are inferred (encoder from the vision config's
+    model_type, family from the LLM config's, template from the family)."""
+    from bunny.model.modeling import BunnyConfig, BunnyForConditionalGeneration
+
+    vision_encoder = vision_encoder or detect_vision_encoder(vision_path)
+    encoder_cls = VISION_ENCODERS.get(vision_encoder)
+    select = vision_feature_select or encoder_cls.default_feature_select
+    encoder = encoder_cls.from_pretrained(vision_path, feature_layer=vision_feature_layer, feature_select=select,
+                                          dtype=dtype)
+    if s2_scales:
+        from bunny.model.vision.s2 import S2Wrapper
+
+        encoder = S2Wrapper(encoder, list(s2_scales))
+
+    text_config = load_text_config(llm_path, trust_remote_code=trust_remote_code)
+    family_name = llm_family or family_for_config(text_config)
+    family = LLM_FAMILIES.get(family_name)
+    family.check_config(text_config)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path or llm_path), trust_remote_code=trust_remote_code)
+    image_token_id = add_image_token(tokenizer)
+
+    language_model = family.from_pretrained(llm_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    config = BunnyConfig(
+        vision_config=encoder.config,
+        text_config=language_model.config,
+        vision_encoder=vision_encoder,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select=select,
+        s2_scales=list(s2_scales) if s2_scales else None,
+        projector_type=projector_type,
+        image_aspect_ratio=image_aspect_ratio,
+        image_token_id=image_token_id,
+        llm_family=family_name,
+        chat_template=chat_template,
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = BunnyForConditionalGeneration(config, language_model=language_model, vision_tower=encoder)
+    # the towers were built before the model: give every part the attention backend the model chose
+    model.set_attn_implementation(config._attn_implementation or "sdpa")
+    if dtype is not None:
+        model.mm_projector.to(dtype)
+    processor = BunnyProcessor.for_config(tokenizer, default_image_processor(config, _stats_folder(vision_path)), config)
+    configure_generation(model, processor)
+    model.eval()
+    return model, processor
+
+
+def _stats_folder(vision_path: str | Path) -> Path | None:
+    """The folder whose preprocessor_config.json holds the image statistics (None: encoder defaults)."""
+    path = Path(vision_path)
+    folder = path if path.is_dir() else path.parent
+    return folder if (folder / "preprocessor_config.json").is_file() else None

@@ -1,0 +1,149 @@
+"""The model a run starts from: a bunny folder, a stage-1 run, backbones assembled from parts, or
+random tiny backbones, plus the projector of a stage-1 run.
+
+| config                                        | start model                                   |
+|-----------------------------------------------|-----------------------------------------------|
+| ``model_name_or_path: DIR``                   | ``load_model(DIR)``                           |
+| ``projector_from: RUN`` alone                 | the stage-1 run's ``final/`` model folder     |
+| ``vision_tower`` + ``language_model``         | ``assemble_model`` (new projector)            |
+| ``tiny: {...}``                               | ``bunny.model.tiny.tiny_model`` (seeded)      |
+
+With backbones named, ``projector_from`` (a run, a model folder or an ``mm_projector.safetensors``)
+only supplies the projector weights. Everything here is deterministic, which exact resume relies
+on: a resumed run rebuilds the same start model and then loads the trained tensors over it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bunny.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+PROJECTOR_FILE = "mm_projector.safetensors"
+
+
+def model_folder_of(path: Path) -> Path | None:
+    """The model folder inside a run folder (``final/``), or ``path`` itself when it is one."""
+    for cand in (path / "final", path):
+        if (cand / "config.json").is_file() or (cand / "adapter_config.json").is_file():
+            return cand
+    return None
+
+
+def projector_state(path: Path) -> dict[str, torch.Tensor]:
+    """Projector weights (keys relative to ``mm_projector``) from a file, a run or a model folder."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_file():
+        state = load_file(str(path))
+    elif (path / PROJECTOR_FILE).is_file():
+        state = load_file(str(path / PROJECTOR_FILE))
+    else:
+        folder = model_folder_of(path)
+        if folder is None:
+            raise FileNotFoundError(f"projector_from: {path} has no {PROJECTOR_FILE} and no model folder")
+        from bunny.model.vision import read_state_dict
+
+        state = read_state_dict(folder)
+    if any(k.startswith("mm_projector.") for k in state):
+        state = {k[len("mm_projector."):]: v for k, v in state.items() if k.startswith("mm_projector.")}
+    if not state:
+        raise ValueError(f"projector_from: no projector weights found in {path}")
+    return state
+
+
+def load_projector(model: Any, path: Path) -> None:
+    state = projector_state(path)
+    own = model.mm_projector.state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        raise ValueError(
+            f"projector_from {path}: its weights ({sorted((k, tuple(v.shape)) for k, v in state.items())}) do not fit "
+            f"this model's {model.config.projector_type} projector "
+            f"({sorted((k, tuple(v.shape)) for k, v in own.items())})"
+        )
+    model.mm_projector.load_state_dict(state)
+
+
+def tiny_tokenizer(cfg: TrainConfig, texts: list[str], main: bool, barrier) -> Any:
+    """The tiny run's tokenizer: a folder, or a byte-level BPE trained on the data (once, on the main
+    process, saved in ``output_dir/tokenizer`` so every process and every resume reads the same)."""
+    from transformers import AutoTokenizer
+
+    assert cfg.tiny is not None
+    if cfg.tiny.tokenizer:
+        return AutoTokenizer.from_pretrained(cfg.tiny.tokenizer)
+    folder = Path(cfg.output_dir) / "tokenizer"
+    if main and not (folder / "tokenizer.json").is_file():
+        from bunny.backbones.tokenizer import save, train_tokenizer
+
+        tmp = folder.with_name(".tokenizer.tmp")
+        save(train_tokenizer(texts, vocab_size=cfg.tiny.vocab_size), tmp, model_max_length=cfg.model_max_length)
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    barrier()
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def build_start_model(cfg: TrainConfig, texts_fn, main: bool = True, barrier=lambda: None
+                      ) -> tuple[Any, Any, Path | None]:
+    """``(model, processor, base_folder)``; ``base_folder`` is the folder the model was loaded from
+    unchanged (a LoRA run refers to it), or None when the start model exists only in memory."""
+    from bunny.model.checkpoints import load_model
+
+    base: Path | None = None
+    if cfg.model_name_or_path is not None:
+        base = Path(cfg.model_name_or_path).resolve()
+        model, processor = load_model(base, trust_remote_code=cfg.trust_remote_code)
+    elif cfg.tiny is None and not (cfg.vision_tower and cfg.language_model):
+        assert cfg.projector_from is not None  # check_paths guarantees one of the four
+        folder = model_folder_of(Path(cfg.projector_from))
+        if folder is None or not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"projector_from: {cfg.projector_from} holds no full model folder (final/config.json); name the "
+                "backbones (vision_tower + language_model, or tiny) to use only its projector"
+            )
+        base = folder.resolve()
+        model, processor = load_model(base, trust_remote_code=cfg.trust_remote_code)
+    elif cfg.tiny is not None:
+        from bunny.model.tiny import tiny_model
+
+        tok = tiny_tokenizer(cfg, texts_fn(), main, barrier)
+        t = cfg.tiny
+        extra = {"vision_feature_layer": cfg.vision_feature_layer}
+        model, processor = tiny_model(
+            tok, vision=t.vision_encoder, family=t.llm_family, projector_type=cfg.projector_type,
+            s2_scales=cfg.s2_scales, seed=t.seed, vision_overrides=t.vision, text_overrides=t.text, **extra)
+    else:
+        try:
+            from bunny.model.assemble import assemble_model
+        except ImportError as exc:  # pragma: no cover - until the model package ships it
+            raise RuntimeError("vision_tower + language_model needs bunny.model.assemble (not available)") from exc
+        kwargs: dict[str, Any] = {"projector_type": cfg.projector_type}
+        for key in ("llm_family", "vision_encoder", "s2_scales"):
+            if getattr(cfg, key) is not None:
+                kwargs[key] = getattr(cfg, key)
+        kwargs["vision_feature_layer"] = cfg.vision_feature_layer
+        kwargs["trust_remote_code"] = cfg.trust_remote_code
+        model, processor = assemble_model(cfg.vision_tower, cfg.language_model, **kwargs)
+    if cfg.projector_from is not None and (cfg.tiny is not None or (cfg.vision_tower and cfg.language_model)):
+        load_projector(model, Path(cfg.projector_from))
+        base = None
+    if cfg.attn_implementation:
+        model.set_attn_implementation(cfg.attn_implementation)
+    if cfg.stage == "finetune" and cfg.image_aspect_ratio and model.config.image_aspect_ratio != cfg.image_aspect_ratio:
+        # the fine-tuned model is evaluated and served the way it was trained
+        model.config.image_aspect_ratio = cfg.image_aspect_ratio
+        processor.image_processor.image_aspect_ratio = cfg.image_aspect_ratio
+        base = None if cfg.tune == "lora" else base
+    model.train()
+    return model, processor, base

@@ -1,0 +1,92 @@
+"""The run's data: read, validate (once, on the main process), measure, and build the dataset.
+
+Validation runs before any training step and reports every problem at once (see
+``bunny.data.samples``); its length check uses the run's own chat template and tokenizer, so "too
+long" means too long for this model. The main process does the work and sends the outcome (the
+kept samples' positions, token lengths and target counts, or the error) to the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from bunny.data.dataset import SupervisedDataset, count_targets
+from bunny.data.samples import DataValidationError, Sample, apply_policy, read_samples, validate
+from bunny.data.templates import ChatTemplate
+from bunny.train.config import TrainConfig
+from bunny.train.distributed import DistInfo
+
+log = logging.getLogger(__name__)
+
+
+def read_raw(cfg: TrainConfig) -> tuple[list[Sample], list]:
+    samples, read_issues = read_samples(cfg.data_path or [])
+    if cfg.max_samples is not None:
+        samples = samples[: cfg.max_samples]
+    return samples, read_issues
+
+
+def texts_of(samples: list[Sample]) -> list[str]:
+    """Every text of the data (for training a tiny run's tokenizer)."""
+    return [t.get("value", "") for s in samples for t in s.conversations
+            if isinstance(t, dict) and isinstance(t.get("value"), str)]
+
+
+def build_dataset(
+    cfg: TrainConfig,
+    samples: list[Sample],
+    read_issues: list,
+    *,
+    processor: Any,
+    template: ChatTemplate,
+    dist: DistInfo,
+) -> SupervisedDataset:
+    tok = processor.tokenizer
+    image_token_id, n_image = processor.image_token_id, processor.num_image_tokens
+    payload: dict[str, Any]
+    if dist.is_main:
+        targets: dict[tuple[str, int], int] = {}
+
+        def length_fn(s: Sample) -> int:
+            ids, labels = template.encode(s.conversations, tok, image_token_id, n_image)
+            targets[(s.source, s.index)] = count_targets(labels)
+            return len(ids)
+
+        report = validate(samples, image_folder=cfg.image_folder, image_check=cfg.image_check, length_fn=length_fn,
+                          max_length=cfg.model_max_length, read_issues=read_issues)
+        try:
+            kept = apply_policy(report, cfg.on_bad_sample)
+            position = {(s.source, s.index): k for k, s in enumerate(samples)}
+            payload = {
+                "kept": [position[(s.source, s.index)] for s in kept],
+                "lengths": report.lengths,
+                "targets": [targets[(s.source, s.index)] for s in kept],
+                "skipped": report.n_bad,
+            }
+        except DataValidationError as exc:
+            payload = {"error": str(exc), "issues": exc.issues, "n": report.n_read}
+    else:
+        payload = {}
+    payload = dist.broadcast_object(payload)
+    if "error" in payload:
+        raise DataValidationError(payload["issues"], payload["n"])
+    kept_samples = [samples[k] for k in payload["kept"]]
+    if not kept_samples:
+        raise ValueError(f"no sample to train on in {[str(p) for p in cfg.data_path or []]} "
+                         f"({len(samples)} read, {payload['skipped']} skipped)")
+    image_mode = cfg.image_aspect_ratio or processor.image_processor.image_aspect_ratio
+    return SupervisedDataset(
+        kept_samples,
+        tokenizer=tok,
+        template=template,
+        image_token_id=image_token_id,
+        num_image_tokens=n_image,
+        image_folder=cfg.image_folder,
+        image_processor=processor.image_processor,
+        image_mode=image_mode,
+        lengths=np.asarray(payload["lengths"], dtype=np.int64),
+        targets=np.asarray(payload["targets"], dtype=np.int64),
+    )

@@ -1,0 +1,198 @@
+"""How one optimizer step is executed: single process, DDP, DeepSpeed ZeRO or FSDP2.
+
+Every engine exposes the same small surface the training loop uses::
+
+    engine.forward(**batch) -> loss          # the loss module, wrapped as the engine needs
+    with engine.accumulating(last): ...      # no gradient sync until the last micro-batch
+    engine.backward(loss)                    # scaled so gradients are those of the global mean loss
+    engine.step() -> grad_norm               # clip, optimizer, scheduler, zero grads
+    engine.save(tmp, rank) / engine.load(ckpt, rank)
+    engine.lrs()                             # current lr of each parameter group
+
+Loss scaling: the loss of a micro-batch is ``sum of its token losses / targets in the whole global
+batch`` (all micro-batches, all processes), so the *sum* of the micro-batch gradients over all
+processes is the gradient of the global mean. DDP, DeepSpeed and FSDP average gradients over
+processes (and DeepSpeed also over accumulation steps), so ``backward`` multiplies by what they
+divide by. This is what makes a 2-process run equal a 1-process run with the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bunny.train import checkpointing as ckpt_io
+from bunny.train.config import TrainConfig
+from bunny.train.distributed import DistInfo
+from bunny.train.schedule import build_scheduler
+from bunny.train.stages import param_groups
+
+
+class LossModule(nn.Module):
+    """``BunnyForConditionalGeneration`` + the step's inputs -> the micro-batch loss.
+
+    A module of its own so DDP/DeepSpeed/FSDP wrap one forward that includes the projector over
+    cached features (stage 1 with a feature cache) and the autocast region.
+    """
+
+    def __init__(self, model: nn.Module, supervised_only: bool, autocast_dtype: torch.dtype | None,
+                 device: torch.device, touch_all: bool = False):
+        super().__init__()
+        self.model = model
+        self.supervised_only = supervised_only
+        self.autocast_dtype = autocast_dtype
+        self.device_type = device.type
+        self.touch_all = touch_all
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        num_items: torch.Tensor | int,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            blank = None
+            if self.touch_all and pixel_values is None and image_features is None:
+                # computed before the LLM, like real image features, so its gradients become ready last,
+                # in the same order as on processes whose micro-batch has images (ZeRO buckets by order)
+                blank = self._image_path_sum(input_ids.device)
+            projected = None
+            if image_features is not None:  # cached encoder outputs: only the projector runs
+                projected = self.model.mm_projector(image_features)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                pixel_values=pixel_values,
+                image_features=projected,
+                labels=labels,
+                use_cache=False,  # no cache: the mask code detects packed rows from position_ids
+                supervised_logits_only=self.supervised_only,
+                num_items_in_batch=num_items,
+            )
+            loss = out.loss
+            if blank is not None:
+                loss = loss + 0.0 * blank
+        return loss
+
+    def _image_path_sum(self, device: torch.device) -> torch.Tensor:
+        """A text-only micro-batch leaves the projector (and a trained vision tower) without gradients;
+        DDP buckets and ZeRO partitions then differ between processes. Running one blank image through
+        the trained image path, times zero, gives those weights exact zero gradients instead."""
+        m = self.model
+        if any(p.requires_grad for p in m.vision_tower.parameters()):
+            size = int(m.config.image_size)
+            return m.get_image_features(torch.zeros(1, 3, size, size, device=device)).float().sum()
+        dtype = next(m.mm_projector.parameters()).dtype
+        feats = torch.zeros(1, m.vision_tower.num_tokens, m.vision_tower.hidden_size, device=device, dtype=dtype)
+        return m.mm_projector(feats).float().sum()
+
+
+def trainable_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    kwargs: dict[str, Any] = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
+    if fused:
+        kwargs["fused"] = True
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+class LocalEngine:
+    """One process, or DDP (every process holds the whole model and the whole optimizer state)."""
+
+    kind = "local"
+
+    def __init__(self, model: nn.Module, loss_module: LossModule, cfg: TrainConfig, dist: DistInfo,
+                 total_steps: int, warmup: int, find_unused: bool) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.dist = dist
+        self.optimizer = build_optimizer(model, cfg, fused=dist.device.type == "cuda")
+        self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler_type, total_steps, warmup)
+        self.params = trainable_params(model)
+        self.ddp = dist.world_size > 1
+        if self.ddp:
+            self.kind = "ddp"
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+            self.forward_module: nn.Module = DDP(loss_module, device_ids=device_ids,
+                                                 find_unused_parameters=find_unused and not loss_module.touch_all)
+        else:
+            self.forward_module = loss_module
+        self.loss_scale = float(dist.world_size)
+
+    def forward(self, **batch: Any) -> torch.Tensor:
+        return self.forward_module(**batch)
+
+    def accumulating(self, last: bool):
+        if self.ddp and not last:
+            return self.forward_module.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.loss_scale).backward()
+
+    def step(self) -> torch.Tensor:
+        if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.detach().norm() for p in self.params if p.grad is not None]))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def lrs(self) -> dict[str, float]:
+        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self, tmp: Path, rank: int) -> None:
+        if rank == 0:
+            ckpt_io.save_trainable(tmp, self.model)
+            ckpt_io.save_optimizer(tmp, self.model, self.optimizer, self.scheduler)
+
+    def load(self, ckpt: Path, rank: int) -> None:
+        ckpt_io.load_trainable(ckpt, self.model)
+        ckpt_io.load_optimizer(ckpt, self.model, self.optimizer, self.scheduler)
+
+    def consolidate(self) -> None:
+        """Nothing to gather: the model holds its full weights on every process."""
+
+
+def build_engine(model: nn.Module, loss_module: LossModule, cfg: TrainConfig, dist: DistInfo,
+                 total_steps: int, warmup: int, accum: int, find_unused: bool):
+    kind = cfg.distributed
+    if kind == "auto":
+        kind = "ddp" if dist.world_size > 1 else "none"
+    if kind in ("none", "ddp"):
+        if kind == "none" and dist.world_size > 1:
+            raise ValueError("distributed: none, but launched with several processes (torchrun)")
+        return LocalEngine(model, loss_module, cfg, dist, total_steps, warmup, find_unused)
+    if kind == "deepspeed":
+        from bunny.train.engine_deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, loss_module, cfg, dist, total_steps, warmup, accum)
+    if kind == "fsdp":
+        from bunny.train.engine_fsdp import FSDPEngine
+
+        return FSDPEngine(model, loss_module, cfg, dist, total_steps, warmup)
+    raise ValueError(f"unknown distributed mode {kind!r}")
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())

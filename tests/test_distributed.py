@@ -1,0 +1,86 @@
+"""Scale-out on 2 CPU processes (torchrun, gloo): DDP, DeepSpeed ZeRO-2/3 and FSDP2 reach the weights of a
+1-process run with the same global batch.
+
+Tolerance: the processes sum gradients in another order than one process does (all-reduce), so the
+weights agree to float32 rounding, amplified a little by Adam over a few steps: max |diff| <= 1e-5
+for weights of size ~1e-1.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from _train_helpers import TINY_TEXT, TINY_VISION, max_diff, one_thread, short_instruct, trainable_tensors, world
+
+from bunny.config import load_config
+from bunny.train import run
+from bunny.train.config import TrainConfig
+from bunny.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    yield from one_thread()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(tmp_path: Path, **over) -> Path:
+    w = world()
+    cfg = {
+        "stage": "finetune", "data_path": str(short_instruct()), "image_folder": str(w / "images"),
+        "tiny": {"vision": TINY_VISION, "text": TINY_TEXT, "vocab_size": 400}, "model_max_length": 1024,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "per_device_train_batch_size": 2, "global_batch_size": 8,
+        "max_steps": 3, "learning_rate": 1e-3, "mm_projector_lr": 5e-4, "logging_steps": 1, "save_steps": 0,
+        "progress_bar": False, "cpu_threads": 1, "report_to": ["jsonl"], "warmup_ratio": 0.0, "packing": True,
+    }
+    cfg.update(over)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _torchrun(config: Path, out: Path, *extra: str, timeout: int = 300) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "bunny.cli", "train", str(config), f"output_dir={out}", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _one_process(config: Path, out: Path, *extra: str) -> None:
+    run(load_config(TrainConfig, config, [f"output_dir={out}", *extra]))
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    config = _config(tmp_path)
+    _torchrun(config, tmp_path / "ddp")
+    _one_process(config, tmp_path / "one")
+    assert max_diff(trainable_tensors(tmp_path / "one"), trainable_tensors(tmp_path / "ddp")) <= TOL
+    la = [r["loss"] for r in read_metrics(tmp_path / "one")]
+    lb = [r["loss"] for r in read_metrics(tmp_path / "ddp")]
+    assert max(abs(a - b) for a, b in zip(la, lb)) < 1e-5
+    assert (tmp_path / "ddp" / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_deepspeed_two_processes_equal_one(tmp_path, zero):
+    config = _config(tmp_path, deepspeed=str(REPO / "configs" / "deepspeed" / f"{zero}.json"), save_steps=2)
+    _torchrun(config, tmp_path / "ds", timeout=600)
+    _one_process(config, tmp_path / "one", "distributed=none", "deepspeed=null")
+    assert max_diff(trainable_tensors(tmp_path / "one"), trainable_tensors(tmp_path / "ds")) <= TOL
+    assert (tmp_path / "ds" / "checkpoints" / "step-00000002" / "deepspeed").is_dir()
