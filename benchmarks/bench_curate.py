@@ -84,6 +84,7 @@ def _run_pipeline(emb: str, out: str, cfg: dict, naive: bool) -> dict:
     kept = pq.read_table(res.kept, columns=["key"])["key"].to_pylist()
     return {"wall": wall, "cpu": (c1.user - c0.user) + (c1.system - c0.system), "peak_gib": peak / 2**30,
             "steps": {s["step"]: s["seconds"] for s in res.funnel["steps"]},
+            "steps_cpu": {s["step"]: s.get("cpu_seconds", 0.0) for s in res.funnel["steps"]},
             "counts": res.counts(), "quality": quality, "kept": kept,
             "matmul": "float32 dense" if naive else res.funnel["steps"][4].get("matmul")}
 
@@ -165,11 +166,12 @@ def main() -> int:
 def _print_row(row: dict) -> None:
     ours = row["ours"]
     q = ours["quality"]
-    steps = ", ".join(f"{k} {v:.1f}" for k, v in ours["steps"].items() if k not in ("input", "filter") and v >= 0.05)
+    steps = ", ".join(f"{k} {v:.1f}/{ours['steps_cpu'][k]:.1f}" for k, v in ours["steps"].items()
+                      if k not in ("input", "filter") and v >= 0.05)
     print(f"\nN = {row['n']:,} ({row['config']['clusters']} clusters, {row['config']['coarse_clusters']} coarse; "
           f"load {row['load_before']:.1f} -> {row['load_after']:.1f})")
     print(f"  ours : {ours['wall']:6.1f} s wall, {ours['cpu']:6.1f} s CPU, peak {ours['peak_gib']:.2f} GiB "
-          f"(dedup product: {ours['matmul']}); steps: {steps}")
+          f"(dedup product: {ours['matmul']}); steps (wall/CPU s): {steps}")
     print(f"         dedup recall {q['recall']:.4f}, precision {q['precision']:.4f} "
           f"({q['correct']:,} of {q['planted_duplicates']:,} planted duplicates, {q['dropped']:,} dropped); "
           f"coreset {ours['counts']['sample']:,}")

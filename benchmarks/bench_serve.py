@@ -23,7 +23,6 @@ import io
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -162,7 +161,11 @@ def phase(model: Path, extra: list[str], args, log: Path, memory: bool = False) 
                                args.phase_timeout))
         out["server_stats"] = httpx.get(server.base + "/health", timeout=10).json()
         if memory:
-            samples: list[tuple[int, float]] = [(0, rss_mb(server.proc.pid))]
+            # Idle RSS after the load phase (warm: every batch size has run), RSS samples while 1,000
+            # more requests run, idle RSS after them. Flat = the idle figures agree: in-flight samples
+            # swing with the batch working set (KV caches, activations) and come back down.
+            idle_before = rss_mb(server.proc.pid)
+            samples: list[tuple[int, float]] = []
             every = max(1, args.memory_requests // 10)
 
             def sample(done: int) -> None:
@@ -171,10 +174,12 @@ def phase(model: Path, extra: list[str], args, log: Path, memory: bool = False) 
 
             mem = asyncio.run(load(server.base, model_id, args.clients, args.memory_requests, args.memory_tokens,
                                    args.phase_timeout * 3, on_done=sample))
-            samples.append((mem["requests"], rss_mb(server.proc.pid)))
-            later = [mb for n, mb in samples if n >= args.memory_requests // 5]  # after warm-up
-            mem.update(rss_samples_mb=[(n, round(mb, 1)) for n, mb in samples],
-                       rss_growth_after_warmup_mb=round(max(later) - min(later), 1) if later else float("nan"))
+            time.sleep(1.0)
+            idle_after = rss_mb(server.proc.pid)
+            mem.update(rss_idle_before_mb=round(idle_before, 1), rss_idle_after_mb=round(idle_after, 1),
+                       rss_peak_mb=round(max([mb for _, mb in samples] + [idle_after]), 1),
+                       rss_samples_mb=[(n, round(mb, 1)) for n, mb in samples],
+                       rss_growth_mb=round(idle_after - idle_before, 1))
             out["memory"] = mem
         return out
     finally:
@@ -190,6 +195,10 @@ def main() -> int:
     ap.add_argument("--max-wait-ms", type=float, default=20)
     ap.add_argument("--memory-requests", type=int, default=1000)
     ap.add_argument("--memory-tokens", type=int, default=8)
+    ap.add_argument("--server-threads", type=int, default=1,
+                    help="torch threads of the server (the load clients need the other core)")
+    ap.add_argument("--memory-tolerance-mb", type=float, default=16.0,
+                    help="largest idle RSS growth over the memory phase that still counts as flat")
     ap.add_argument("--phase-timeout", type=float, default=240, help="seconds per load phase")
     ap.add_argument("--model", default=None, help="model folder (default: build a small random one)")
     ap.add_argument("--json", default=None, help="also write the figures here")
@@ -199,16 +208,17 @@ def main() -> int:
         tmp_path = Path(tmp)
         model = Path(args.model) if args.model else build_model(tmp_path / "bench-model")
         print(f"model: {model}", flush=True)
-        base = phase(model, ["--max-batch", "1"], args, tmp_path / "unbatched.log")
+        threads = ["--threads", str(args.server_threads)]
+        base = phase(model, ["--max-batch", "1", *threads], args, tmp_path / "unbatched.log")
         print(f"no batching:      {base['tokens_per_s']:.1f} tok/s", flush=True)
-        dyn = phase(model, ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)], args,
+        dyn = phase(model, ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), *threads], args,
                     tmp_path / "batched.log", memory=True)
     ratio = dyn["tokens_per_s"] / base["tokens_per_s"]
     mem = dyn["memory"]
     rows = [("no batching (--max-batch 1)", base),
             (f"dynamic batching (--max-batch {args.max_batch}, --max-wait-ms {args.max_wait_ms:g})", dyn)]
-    print(f"\n{args.clients} concurrent clients, {args.max_tokens} new tokens per request, loopback, device: "
-          f"{os.cpu_count()}-CPU machine\n")
+    print(f"\n{args.clients} concurrent clients, {args.max_tokens} new tokens per request, loopback, server "
+          f"--threads {args.server_threads}, device: {os.cpu_count()}-CPU machine\n")
     print("| server | requests | failures | p50 latency | p99 latency | tokens/s | rows per batch |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows:
@@ -217,14 +227,17 @@ def main() -> int:
         print(f"| {name} | {r['requests']} | {r['failures']} | {r['p50_s']:.2f} s | {r['p99_s']:.2f} s | "
               f"{r['tokens_per_s']:.1f} | {per_batch:.1f} |")
     print(f"\ntokens/s ratio, batching / none: {ratio:.2f}x (target >= 3x)")
-    print(f"memory: {mem['requests']} requests ({mem['failures']} failed), server RSS samples (request, MB): "
-          f"{mem['rss_samples_mb']}; growth after warm-up {mem['rss_growth_after_warmup_mb']} MB")
+    print(f"memory over {mem['requests']} requests ({mem['failures']} failed, {args.memory_tokens} tokens each): "
+          f"idle RSS {mem['rss_idle_before_mb']} MB before, {mem['rss_idle_after_mb']} MB after "
+          f"(growth {mem['rss_growth_mb']} MB), peak {mem['rss_peak_mb']} MB; in-flight samples (request, MB): "
+          f"{mem['rss_samples_mb']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"unbatched": base, "batched": dyn, "ratio": ratio}, indent=2))
     failed = base["failures"] + dyn["failures"] + mem["failures"]
     complete = base["complete"] and dyn["complete"] and mem["complete"]
-    ok = failed == 0 and complete and ratio >= 3
-    print("PASS" if ok else f"FAIL (failures={failed}, complete={complete}, ratio={ratio:.2f})")
+    flat = mem["rss_growth_mb"] <= args.memory_tolerance_mb
+    ok = failed == 0 and complete and ratio >= 3 and flat
+    print("PASS" if ok else f"FAIL (failures={failed}, complete={complete}, ratio={ratio:.2f}, memory flat={flat})")
     return 0 if ok else 1
 
 

@@ -195,7 +195,8 @@ def test_every_step_is_configurable(pool, default_run, tmp_path):
     assert set(off.counts().values()) == {N} and off.counts()["sample"] == N
     assert [s["enabled"] for s in off.funnel["steps"]] == [True, False, False, False, False, False, False, False]
     on = run_curation(SMALL | {"min_caption_chars": 21, "dedup_threshold": 0.9, "keep": "farthest",
-                               "image_text_band": [0.1, 0.9], "centroid_band": [0.0, 0.5], "sample": 300, "seed": 3},
+                               "image_text_band": [0.1, 0.9], "centroid_band": [0.0, 0.5], "sample": 300, "seed": 3,
+                               "write_scores": True},
                       out=tmp_path / "on", embeddings=root)
     c = on.counts()
     assert c["filter"] == N - 100  # "caption of sample 0" .. "99" are 20 characters or fewer
@@ -204,6 +205,16 @@ def test_every_step_is_configurable(pool, default_run, tmp_path):
     dropped = pq.read_table(on.dropped).to_pandas()
     assert set(dropped.step) == {"filter", "dedup", "image_text", "centroid", "sample"}
     assert dropped[dropped.step == "filter"].key.astype(int).max() == 99
+    scores = pq.read_table(on.out / "scores.parquet").to_pandas()
+    assert len(scores) == N and (scores.step == "kept").sum() == 300
+    assert dict(zip(dropped.key, dropped.step)) == dict(scores[scores.step != "kept"][["key", "step"]].values)
+    scored = scores[scores.step != "filter"]  # filtered rows are never scored
+    assert scored.cluster.between(0, 7).all() and (scored.centroid_sim > 0).all()
+    assert (scores[scores.step == "filter"].cluster == -1).all()
+    # the centroid band kept the half of the image-text survivors most similar to their centroids
+    after_it = scores[scores.step.isin(["kept", "sample", "centroid"])]
+    kept_sims = after_it[after_it.step != "centroid"].centroid_sim
+    assert kept_sims.min() >= after_it[after_it.step == "centroid"].centroid_sim.max()
 
 
 def test_parquet_vectors_give_the_same_coreset(pool, default_run, tmp_path):

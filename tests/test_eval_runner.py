@@ -141,6 +141,41 @@ def test_cli_eval_and_score_write_answers_scores_and_report(bench, tmp_path):
     assert main(["eval", "--model", str(model), "--task", "nope", "--data", str(bench), "--out", str(out)]) == 2
 
 
+def test_two_ranks_split_the_questions_and_merge_in_order(bench, answerer, reference, tmp_path):
+    """The data-parallel logic in one process: two ranks as threads with a real barrier (the
+    torchrun test below runs it as two processes on gloo)."""
+    import threading
+
+    from bunny.eval.runner import Dist, generate_answers
+
+    barrier = threading.Barrier(2, timeout=120)
+
+    class ThreadDist(Dist):
+        def barrier(self) -> None:
+            barrier.wait()
+
+    task = build_task("pope", bench)
+    seen: dict[int, list] = {0: [], 1: []}
+
+    def rank(r: int) -> None:
+        def gen(prompts, images, n):
+            seen[r].extend(prompts)
+            return answerer(prompts, images, n)
+
+        generate_answers(task, gen, tmp_path / "pope", batch_size=4, limit=LIMIT, max_new_tokens=NEW_TOKENS,
+                         model_id="tiny", dist=ThreadDist(r, 2), progress=False)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    docs = task.docs()[:LIMIT]
+    assert seen[0] == [d.prompt for d in docs[0::2]] and seen[1] == [d.prompt for d in docs[1::2]]
+    assert answers(tmp_path, "pope") == answers(reference, "pope")
+    assert not list((tmp_path / "pope").glob("answers.rank*.jsonl"))
+
+
 @pytest.mark.slow
 def test_two_processes_answer_like_one(bench, reference, tmp_path):
     """torchrun --nproc_per_node 2 (gloo, CPU): every question answered once, merged in question order,

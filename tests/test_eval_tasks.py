@@ -428,6 +428,8 @@ def test_seed_official_rule_and_named_options(tmp_path):
     assert [d.question_id for d in build_task("seed", root, data_types="image").docs()] == ["101", "102", "103"]
     (root / "frames" / "v7.png").unlink()
     assert any("frames/<question_id>.png" in m for m in build_task("seed", root).missing_images())
+    (root / "images").rename(root / "SEED-Bench-image")  # the official download's folder name
+    assert build_task("seed", root, data_types="image").missing_images() == []
     with pytest.raises(EvalDataError, match="answer_rule"):
         build_task("seed", root, answer_rule="loose")
 

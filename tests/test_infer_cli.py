@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import select
 import subprocess
 import sys
@@ -117,11 +118,14 @@ def test_interactive_session_in_a_terminal(sessions):
 def test_session_through_a_pipe(sessions):
     piped, answers, second = sessions["piped"], sessions["answers"], sessions["second"]
     script = (f"What is in this picture?\n/image {second}\n/image /no/such/file.png\n/frobnicate\n\n"
-              "Describe it.\nAnything else?\n")
+              f"{'tell me more ' * 200}\nDescribe it.\nAnything else?\n")
     out, err = piped.communicate(script.encode(), timeout=180)
     assert piped.returncode == 0, err.decode()[-2000:]
     lines = out.decode()
     assert lines.startswith(f"{answers[0]}\n(image: {second}; new conversation)\nerror: /no/such/file.png")
-    assert lines.endswith(f"error: unknown command /frobnicate (/image PATH, /reset, /exit)\n"
-                          f"{answers[1]}\n{answers[2]}\n")
+    tail = lines[lines.index("error: unknown command"):].split("\n", 2)
+    assert tail[0] == "error: unknown command /frobnicate (/image PATH, /reset, /exit)"
+    # a question that does not fit the model's context is refused; the conversation goes on
+    assert re.fullmatch(r"error: the prompt is \d+ tokens .* context of 512 tokens \(/reset starts over\)", tail[1])
+    assert tail[2] == f"{answers[1]}\n{answers[2]}\n"
     assert "USER:" not in lines and "ASSISTANT:" not in lines  # no prompts when nobody is typing

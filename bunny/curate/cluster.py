@@ -22,8 +22,10 @@ import faiss
 import numpy as np
 
 from .config import CurateConfig
+from .parallel import worker_pool
 
 ASSIGN_BLOCK_FLOATS = 1 << 24  # similarity entries per assignment block (64 MB)
+SINGLE_THREAD_K = 64
 
 
 def _normalize(c: np.ndarray) -> np.ndarray:
@@ -35,10 +37,13 @@ def _kmeans(x: np.ndarray, k: int, iters: int, seed: int, init: np.ndarray | Non
             threads: int | None = None) -> np.ndarray:
     """Spherical k-means of the rows of ``x`` (normalised) -> k normalised centroids.
 
-    ``threads=1`` for the many small second-level problems: faiss's OpenMP threads spin while they
-    wait, which costs several times the work on small problems (and far more on a shared CPU).
+    Small problems (k <= ``SINGLE_THREAD_K``, e.g. the coarse level and every second-level cell)
+    run on one thread: faiss's OpenMP threads spin while they wait, which costs several times the
+    work of a skinny product (and far more on a shared CPU).
     """
     k = min(k, len(x))
+    if threads is None and k <= SINGLE_THREAD_K:
+        threads = 1
     if k == 1:
         return _normalize(x.mean(axis=0, keepdims=True, dtype=np.float64))
     km = faiss.Kmeans(
@@ -140,12 +145,13 @@ def train(draw: Callable[[int], np.ndarray], cfg: CurateConfig) -> Clustering:
     fine_k = np.zeros(len(coarse), dtype=np.int64)
     present = counts > 0
     fine_k[present] = np.minimum(counts[present], _split_counts(min(cfg.clusters, len(sample)), counts[present]))
-    parts, offsets = [], [0]
-    for c in range(len(coarse)):
-        if fine_k[c]:
-            parts.append(_kmeans(sample[cell == c], int(fine_k[c]), cfg.kmeans_iters, cfg.seed + 7919 * (c + 1),
-                                 threads=1))
-        else:  # a coarse cell no sample vector fell into keeps one centroid: itself
-            parts.append(coarse[c : c + 1])
-        offsets.append(offsets[-1] + len(parts[-1]))
-    return Clustering(np.concatenate(parts), coarse, np.asarray(offsets, dtype=np.int64))
+
+    def fine(c: int) -> np.ndarray:
+        if not fine_k[c]:  # a coarse cell no sample vector fell into keeps one centroid: itself
+            return coarse[c : c + 1]
+        return _kmeans(sample[cell == c], int(fine_k[c]), cfg.kmeans_iters, cfg.seed + 7919 * (c + 1), threads=1)
+
+    with worker_pool(cfg.threads) as pool:  # cells are independent: one per worker thread
+        parts = list(pool.map(fine, range(len(coarse))))
+    offsets = np.cumsum([0] + [len(p) for p in parts])
+    return Clustering(np.concatenate(parts), coarse, offsets.astype(np.int64))

@@ -49,6 +49,7 @@ class CurateConfig:
     sample: int | None = None  # draw this many at random at the end; null keeps all
     seed: int = 0
     write_scores: bool = False  # also write scores.parquet: every sample's cluster, similarities and step
+    threads: int | None = None  # worker threads for k-means cells and clusters (null: one per CPU)
 
     # engine `ray`
     ray_address: str | None = None  # null: start a local Ray (ray_num_cpus CPUs) unless one is running
@@ -61,6 +62,8 @@ class CurateConfig:
                      "embed_batch_size", "shard_size", "ray_embed_actors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or null, got {self.threads}")
         if not self.spill_partition_mb > 0:
             raise ValueError(f"spill_partition_mb must be > 0, got {self.spill_partition_mb}")
         for name in ("min_caption_words", "min_caption_chars", "min_image_side", "coarse_clusters"):

@@ -16,8 +16,8 @@ Row r of shard i is one sample everywhere. Samples are numbered globally in shar
 "gidx"), which is the identity every step and both engines use, so results do not depend on the
 order work happens to run in.
 
-Vectors are read with plain file reads into fresh arrays (not ``mmap``) so that memory is only the
-rows asked for. Every bad input is a :class:`CurateError` naming the file, the shard and the row.
+Vectors are read with plain file reads into fresh arrays, so that memory is only the rows asked
+for (the k-means sample is gathered through a short-lived memory map, touching only its pages). Every bad input is a :class:`CurateError` naming the file, the shard and the row.
 """
 
 from __future__ import annotations
@@ -75,6 +75,14 @@ class NpyFile:
         if arr.size != count:
             raise CurateError(f"{self.path}: file is truncated (expected {self.rows} rows of {self.dim})")
         return arr.reshape(stop - start, self.dim).astype(np.float32, copy=False)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The (sorted) rows ``rows`` as float32, reading only the pages that hold them."""
+        mm = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(self.rows, self.dim))
+        try:
+            return np.array(mm[rows], dtype=np.float32)
+        finally:
+            del mm
 
     def ids(self) -> None:
         return None
@@ -149,6 +157,15 @@ class ParquetVectors:
             block = self._group(g)
             parts.append(block[max(start, g0) - g0 : min(stop, g0 + len(block)) - g0])
         return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The (sorted) rows ``rows`` as float32, one row group at a time."""
+        group = np.searchsorted(self.group_starts, rows, side="right") - 1
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        for g in np.unique(group):
+            sel = np.flatnonzero(group == g)
+            out[sel] = self._group(int(g))[rows[sel] - self.group_starts[g]]
+        return out
 
     def ids(self) -> pa.ChunkedArray:
         return pc.cast(self.file.read(columns=[self.id_column])[self.id_column], pa.string())
@@ -383,21 +400,16 @@ def iter_chunks(shard: Shard, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[in
 
 
 def read_rows(layout: Layout, gidx: np.ndarray, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
-    """Normalised image vectors of the (sorted) global rows ``gidx``."""
+    """Normalised image vectors of the (sorted) global rows ``gidx``, read without the rows between."""
     out = np.empty((len(gidx), layout.dim), dtype=np.float32)
     shard_ids = layout.shard_of(gidx)
     for s in np.unique(shard_ids):
         shard = layout.shards[s]
         pos = np.flatnonzero(shard_ids == s)
-        local = gidx[pos] - shard.start
-        for r0 in range(0, shard.rows, chunk_rows):
-            r1 = min(shard.rows, r0 + chunk_rows)
-            lo, hi = np.searchsorted(local, [r0, r1])
-            if lo == hi:
-                continue
-            rows = local[lo:hi]
-            block = shard.img.read(int(rows[0]), int(rows[-1]) + 1)[rows - rows[0]]
-            out[pos[lo:hi]] = normalize_checked(block, shard.img.path, rows, shard)
+        for i in range(0, len(pos), chunk_rows):
+            part = pos[i : i + chunk_rows]
+            rows = gidx[part] - shard.start
+            out[part] = normalize_checked(shard.img.take(rows), shard.img.path, rows, shard)
     return out
 
 

@@ -40,6 +40,7 @@ from . import cluster as clustering
 from .config import CurateConfig
 from .dedup import dedup_cluster, resolve_matmul
 from .io import CurateError, Layout, check_unique_keys, iter_chunks, open_layout, read_meta, read_rows
+from .parallel import worker_pool
 from .report import write_funnel
 from .select import basic_filter, random_sample, rank_band
 
@@ -72,6 +73,7 @@ class State:
     funnel: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     _t: float = field(default_factory=time.perf_counter)
+    _cpu: float = field(default_factory=time.process_time)
 
     @property
     def alive(self) -> np.ndarray:
@@ -79,12 +81,15 @@ class State:
 
     def record(self, name: str, enabled: bool = True, count: int | None = None, **extra: Any) -> None:
         """Close a step: its count and time go into the funnel; an empty result is an error."""
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         count = int(self.alive.sum()) if count is None else count
         before = self.funnel[-1]["count"] if self.funnel else count
-        entry = {"step": name, "count": count, "enabled": enabled, "seconds": round(now - self._t, 3)}
+        # wall seconds, and CPU seconds of this process (all threads): on a shared machine the
+        # second says what the step costs, the first what it took
+        entry = {"step": name, "count": count, "enabled": enabled, "seconds": round(now - self._t, 3),
+                 "cpu_seconds": round(cpu - self._cpu, 3)}
         self.funnel.append(entry | extra)
-        self._t = now
+        self._t, self._cpu = now, cpu
         log.info("%-10s %12d samples  %8.2f s%s", name, count, entry["seconds"], "" if enabled else "  (off)")
         if count == 0:
             hint = {
@@ -98,7 +103,7 @@ class State:
 
 def prepare(emb_dir: str | Path, cfg: CurateConfig) -> State:
     """Open the layout, read keys (checked unique) and apply the basic filters."""
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     layout = open_layout(emb_dir)
     caption_filter = bool(cfg.min_caption_words or cfg.min_caption_chars)
     size_filter = bool(cfg.min_image_side or cfg.max_aspect_ratio)
@@ -141,8 +146,8 @@ def prepare(emb_dir: str | Path, cfg: CurateConfig) -> State:
     pre_steps = [] if pre is None else pre["step"].to_pylist()
     n_pre_filter, n_unreadable = pre_steps.count("filter"), pre_steps.count("unreadable")
     total = n + len(pre_steps)
-    state.funnel.append({"step": "input", "count": total, "enabled": True, "seconds": 0.0})
-    state._t = t0
+    state.funnel.append({"step": "input", "count": total, "enabled": True, "seconds": 0.0, "cpu_seconds": 0.0})
+    state._t, state._cpu = t0, cpu0
     state.record("filter", enabled=cfg.filters_enabled, count=int(state.alive.sum()) + n_unreadable)
     if pre is not None:  # pool mode: embedding happened, and may have dropped unreadable images
         stats_path = Path(emb_dir) / EMBED_STATS
@@ -150,7 +155,8 @@ def prepare(emb_dir: str | Path, cfg: CurateConfig) -> State:
         state._t -= stats.get("seconds", 0.0)
         state.record("embed", embedded=stats.get("embedded"),
                      note="step 1: embedding (unreadable images dropped when bad_images: drop)")
-    assert n_pre_filter + n_unreadable == len(pre_steps), "unknown step in " + PRE_DROPPED
+    if n_pre_filter + n_unreadable != len(pre_steps):
+        raise CurateError(f"{pre_path}: steps other than filter/unreadable: {sorted(set(pre_steps))}")
     return state
 
 
@@ -356,7 +362,7 @@ def run_local(emb_dir: str | Path, out: str | Path, cfg: CurateConfig) -> dict[s
 
 
 def _dedup_spilled(state: State, spill: Path, parts: int) -> None:
-    """Step 3 over the spill: one partition in memory at a time, one cluster at a time inside it."""
+    """Step 3 over the spill: one partition in memory at a time; its clusters go to worker threads."""
     alive = np.flatnonzero(state.alive)
     part_of = state.cluster[alive] % parts
     by_part = np.argsort(part_of, kind="stable")  # gidx ascending inside a partition: the spill's order
@@ -364,17 +370,22 @@ def _dedup_spilled(state: State, spill: Path, parts: int) -> None:
     args = dedup_args(state.cfg, len(alive))
     state.info["dedup_matmul"] = args["matmul"]
     dim = state.layout.dim
-    for p in tqdm(range(parts), desc="dedup", unit="part", disable=None):
-        gidx = alive[by_part[bounds[p] : bounds[p + 1]]]
-        emb = np.fromfile(spill / f"part_{p}.f32", dtype=np.float32)
-        if emb.size != len(gidx) * dim:
-            raise CurateError(f"{spill}: spill partition {p} holds {emb.size // dim} rows, expected {len(gidx)}")
-        emb = emb.reshape(len(gidx), dim)
-        order = np.argsort(state.cluster[gidx], kind="stable")
-        cl = state.cluster[gidx[order]]
-        edges = np.flatnonzero(np.r_[True, cl[1:] != cl[:-1], True])
-        for a, b in zip(edges[:-1], edges[1:]):
-            rows = order[a:b]
-            rep = dedup_cluster(emb[rows], gidx[rows], state.cent_sim[gidx[rows]], **args)
-            apply_dedup(state, gidx[rows], rep)
-        del emb
+    with worker_pool(state.cfg.threads) as pool:
+        for p in tqdm(range(parts), desc="dedup", unit="part", disable=None):
+            gidx = alive[by_part[bounds[p] : bounds[p + 1]]]
+            emb = np.fromfile(spill / f"part_{p}.f32", dtype=np.float32)
+            if emb.size != len(gidx) * dim:
+                raise CurateError(f"{spill}: spill partition {p} holds {emb.size // dim} rows, expected {len(gidx)}")
+            emb = emb.reshape(len(gidx), dim)
+            order = np.argsort(state.cluster[gidx], kind="stable")
+            cl = state.cluster[gidx[order]]
+            edges = np.flatnonzero(np.r_[True, cl[1:] != cl[:-1], True])
+
+            def one(a: int, b: int, emb: np.ndarray = emb, gidx: np.ndarray = gidx,
+                    order: np.ndarray = order) -> tuple[np.ndarray, np.ndarray]:
+                rows = order[a:b]
+                return gidx[rows], dedup_cluster(emb[rows], gidx[rows], state.cent_sim[gidx[rows]], **args)
+
+            for g, rep in pool.map(one, edges[:-1], edges[1:]):  # clusters are independent
+                apply_dedup(state, g, rep)
+            del emb

@@ -76,8 +76,13 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
 
 
 def mean_fill(mean: Sequence[float]) -> tuple[int, int, int]:
-    """The processor's mean colour as 0-255 RGB: the padding colour of the `pad` mode."""
-    return tuple(int(round(m * 255)) for m in mean)  # type: ignore[return-value]
+    """The processor's mean colour as 0-255 RGB: the padding colour of the `pad` mode.
+
+    Truncated with ``int()``, not rounded, because that is what the original Bunny/LLaVA code
+    (``tuple(int(x * 255) for x in image_mean)``) did when the released models were trained: SigLIP's
+    mean 0.5 pads with 127, not 128.
+    """
+    return tuple(int(m * 255) for m in mean)  # type: ignore[return-value]
 
 
 def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

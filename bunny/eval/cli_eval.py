@@ -8,7 +8,10 @@ Bunny-v1.0-3B numbers beside ours. --data is a folder holding one folder per tas
 task), or, for a single task, that task's folder itself; see docs/evaluation.md for each layout.
 For several processes (GPUs), launch with torchrun: each takes every N-th question.
 
-tasks: mme, pope, gqa, vqav2, sqa, seed, mmbench, mmmu (or "all")
+tasks: mme, mmbench, seed, mmmu, vqav2, gqa, sqa, pope (or "all")
+task options (--option TASK.KEY=VALUE): mme.subtasks, pope.splits, sqa.subset (all|img),
+  seed.answer_rule (official|lmms-eval|vlmevalkit), seed.data_types (image,video), mmbench.lang (en|cn),
+  mmbench.circular (file|rotate), mmmu.images (first|all)
 
 examples:
   bunny eval --model runs/stage2 --task mme,pope --data ~/benchmarks --out runs/eval --batch-size 16

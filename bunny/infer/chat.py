@@ -37,17 +37,26 @@ class ChatSession:
     def reset(self) -> None:
         self.messages, self.images, self._pending_image = [], [], None
 
-    def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> GenerationResult:
-        content = text
-        images = list(self.images)
+    def _request(self, text: str) -> GenerationRequest:
+        content, images = text, list(self.images)
         if self._pending_image is not None:
             content = f"{IMAGE_PLACEHOLDER}\n{text}"
             images.append(self._pending_image)
         messages = [*self.messages, {"role": "user", "content": content}]
-        request = GenerationRequest(messages=messages, images=images, params=self.params)
+        return GenerationRequest(messages=messages, images=images, params=self.params)
+
+    def validate_next(self, text: str) -> int:
+        """Check that asking ``text`` next fits the model (ValueError if the conversation outgrew
+        the context); returns the prompt length in tokens."""
+        return self.generator.validate(self._request(text))
+
+    def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        """Answer ``text`` in the conversation (streaming through ``on_text``) and remember both."""
+        request = self._request(text)
+        self.generator.validate(request)  # ValueError leaves the conversation as it was
         callback = (lambda _row, delta: on_text(delta)) if on_text else None
         result = self.generator.generate([request], on_text=callback)[0]
-        self.messages = [*messages, {"role": "assistant", "content": result.text}]
-        self.images = images
+        self.messages = [*request.messages, {"role": "assistant", "content": result.text}]
+        self.images = request.images
         self._pending_image = None
         return result

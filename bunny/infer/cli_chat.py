@@ -64,7 +64,11 @@ def run(args: argparse.Namespace) -> int:
         session.set_image(image)
 
     if args.prompt is not None:
-        session.ask(args.prompt, on_text=_write)
+        try:
+            session.ask(args.prompt, on_text=_write)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         _write("\n")
         return 0
 
@@ -100,6 +104,11 @@ def run(args: argparse.Namespace) -> int:
                 continue
             if line.startswith("/"):
                 print(f"error: unknown command {line.split()[0]} (/image PATH, /reset, /exit)", flush=True)
+                continue
+            try:
+                session.validate_next(line)
+            except ValueError as exc:
+                print(f"error: {exc} (/reset starts over)", flush=True)
                 continue
             if tty:
                 _write("ASSISTANT: ")

@@ -233,12 +233,9 @@ class Generator:
         return text
 
     def _encode(self, prompts: list[str], images: list[Image.Image]) -> dict[str, Any]:
-        old_side = getattr(self.tokenizer, "padding_side", "left")
-        self.tokenizer.padding_side = "left"
-        try:
-            return self.processor(text=prompts, images=images or None, return_tensors="pt", padding=True)
-        finally:
-            self.tokenizer.padding_side = old_side
+        # Left padding, asked for per call: the tokenizer object is shared with other threads.
+        return self.processor(text=prompts, images=images or None, return_tensors="pt", padding=True,
+                              padding_side="left")
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         """Prompt length in tokens (image tokens included), as ``generate`` will see it."""

@@ -41,13 +41,15 @@ class LossModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, supervised_only: bool, autocast_dtype: torch.dtype | None,
-                 device: torch.device, touch_all: bool = False):
+                 device: torch.device, blank_images: str = "none"):
         super().__init__()
+        if blank_images not in ("none", "projector", "tower"):
+            raise ValueError(f"blank_images must be none, projector or tower, got {blank_images!r}")
         self.model = model
         self.supervised_only = supervised_only
         self.autocast_dtype = autocast_dtype
         self.device_type = device.type
-        self.touch_all = touch_all
+        self.blank_images = blank_images
 
     def forward(
         self,
@@ -62,7 +64,7 @@ class LossModule(nn.Module):
         with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             blank = None
-            if self.touch_all and pixel_values is None and image_features is None:
+            if self.blank_images != "none" and pixel_values is None and image_features is None:
                 # computed before the LLM, like real image features, so its gradients become ready last,
                 # in the same order as on processes whose micro-batch has images (ZeRO buckets by order)
                 blank = self._image_path_sum(input_ids.device)
@@ -86,11 +88,16 @@ class LossModule(nn.Module):
         return loss
 
     def _image_path_sum(self, device: torch.device) -> torch.Tensor:
-        """A text-only micro-batch leaves the projector (and a trained vision tower) without gradients;
-        DDP buckets and ZeRO partitions then differ between processes. Running one blank image through
-        the trained image path, times zero, gives those weights exact zero gradients instead."""
+        """A text-only micro-batch leaves the projector (and a trained vision tower) without gradients,
+        and under ZeRO-3/FSDP does not run the tower at all, while another process's micro-batch does:
+        DDP buckets, ZeRO partitions and parameter gathers then differ between processes (wrong sums
+        or a hang). Running one blank image through the image path, times zero, keeps every process
+        doing the same collectives and gives those weights exact zero gradients.
+
+        ``blank_images``: ``projector`` (frozen tower or cached features: only the projector) or
+        ``tower`` (the whole image path)."""
         m = self.model
-        if any(p.requires_grad for p in m.vision_tower.parameters()):
+        if self.blank_images == "tower":
             size = int(m.config.image_size)
             return m.get_image_features(torch.zeros(1, 3, size, size, device=device)).float().sum()
         dtype = next(m.mm_projector.parameters()).dtype
@@ -130,7 +137,7 @@ class LocalEngine:
 
             device_ids = [dist.device.index] if dist.device.type == "cuda" else None
             self.forward_module: nn.Module = DDP(loss_module, device_ids=device_ids,
-                                                 find_unused_parameters=find_unused and not loss_module.touch_all)
+                                                 find_unused_parameters=find_unused and loss_module.blank_images == "none")
         else:
             self.forward_module = loss_module
         self.loss_scale = float(dist.world_size)

@@ -218,8 +218,12 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
                  f", {plan.dropped_per_epoch} samples/epoch beyond the last full global batch" if plan.dropped_per_epoch
                  else "")
 
-    loss_module = LossModule(model, cfg.loss_on_supervised_only, autocast_dtype, device,
-                             touch_all=dist.world_size > 1)
+    blank = "none"
+    if dist.world_size > 1:
+        sharded = cfg.distributed in ("deepspeed", "fsdp")
+        tower = (sharded or cfg.unfreeze_vision_tower) and dataset.feature_cache is None
+        blank = "tower" if tower else "projector"
+    loss_module = LossModule(model, cfg.loss_on_supervised_only, autocast_dtype, device, blank_images=blank)
     find_unused = bool((~dataset.has_image).any()) or cfg.unfreeze_vision_tower
     engine = build_engine(model, loss_module, cfg, dist, total_steps, warmup, accum, find_unused)
 

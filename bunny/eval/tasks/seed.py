@@ -1,8 +1,9 @@
 """SEED-Bench (v1): multiple choice over images and videos (a video is shown as its middle frame).
 
 Layout: ``SEED-Bench.json`` (``{"questions": [...], "question_type": {name: id}}``), images
-``images/<data_id>``; a video question uses the frame ``frames/<question_id>.png`` (extract the middle
-frames once, e.g. with the SEED/LLaVA ``extract_video_frames.py``). question_id: the question_id.
+``images/<data_id>`` (or ``SEED-Bench-image/<data_id>``, as downloaded); a video question uses the
+frame ``frames/<question_id>.png`` (extract the middle frames once, e.g. with the SEED/LLaVA
+``extract_video_frames.py``). question_id: the question_id.
 
 Prompt (LLaVA-1.5's ``llava-seed-bench.jsonl``): ``<image>\\n<question>\\nA. ..\\nB. ..\\nC. ..\\nD. ..``
 then "Answer with the option's letter from the given choices directly."
@@ -69,6 +70,9 @@ class SEEDBench(Task):
             raise EvalDataError(f"{path}: expected a 'questions' list")
         type_names = {int(v): k for k, v in (data.get("question_type") or {}).items()}
         wanted = {t.strip() for t in str(self.options.get("data_types", "image,video")).split(",")}
+        img_dir = self.data_dir / "images"
+        if not img_dir.is_dir() and (self.data_dir / "SEED-Bench-image").is_dir():
+            img_dir = self.data_dir / "SEED-Bench-image"  # the folder name of the official download
         docs = []
         for i, q in enumerate(questions):
             try:
@@ -83,7 +87,7 @@ class SEEDBench(Task):
             answer = q.get("answer")
             if answer is not None and answer not in LETTERS:
                 raise EvalDataError(f"{path}: question #{i} ({qid}): answer must be A-D, got {answer!r}")
-            image = self.data_dir / "images" / str(data_id) if dtype == "image" else self._frame(qid)
+            image = img_dir / str(data_id) if dtype == "image" else self._frame(qid)
             opts = "\n".join(f"{L}. {choices[L]}" for L in LETTERS)
             type_id = q.get("question_type_id")
             docs.append(Doc(

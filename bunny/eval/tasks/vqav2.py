@@ -18,9 +18,10 @@ wants all of them; unanswered ones get ""), else this split's questions.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,7 @@ _DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
 _PERIOD_COUNT = 32
 
 
+@functools.lru_cache(maxsize=1 << 16)  # pure; answers repeat a lot ("yes", "2"), so scoring 200k is seconds
 def process_punctuation(text: str) -> str:
     out = text
     comma_between_digits = _DIGIT_COMMA_DIGIT.search(text) is not None
@@ -80,6 +82,7 @@ def process_punctuation(text: str) -> str:
     return _PERIOD.sub("", out, count=_PERIOD_COUNT)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def process_digit_article(text: str) -> str:
     words = []
     for w in text.lower().split():
@@ -107,24 +110,18 @@ def vqa_accuracy(prediction: str, human_answers: list[str]) -> float:
     answers only get the punctuation step, and only when the ten of them differ. Each human is
     left out in turn: min(#other humans matching / 3, 1), averaged over the ten.
     """
-    table = _score_table(human_answers)
-    return table.get(_normalise_prediction(prediction), 0.0)
+    res = _normalise_prediction(prediction)
+    gts = human_answers if len(set(human_answers)) == 1 else [process_punctuation(a) for a in human_answers]
+    n, m = len(gts), gts.count(res)
+    if not n or not m:
+        return 0.0
+    # the m humans who gave `res` see m-1 matches among the others when left out, the n-m others m
+    return (m * min(1.0, (m - 1) / 3) + (n - m) * min(1.0, m / 3)) / n
 
 
 def _normalise_prediction(text: str) -> str:
     res = text.replace("\n", " ").replace("\t", " ").strip()
     return process_digit_article(process_punctuation(res))
-
-
-def _score_table(human_answers: list[str]) -> dict[str, float]:
-    """Per-question precomputation: normalised prediction -> accuracy (absent: 0)."""
-    gts = list(human_answers)
-    if len(set(gts)) > 1:
-        gts = [process_punctuation(a) for a in gts]
-    counts = Counter(gts)
-    n = len(gts)
-    # m humans gave `ans`: their leave-one-out subsets have m-1 matches, the n-m others m
-    return {ans: (m * min(1.0, (m - 1) / 3) + (n - m) * min(1.0, m / 3)) / n for ans, m in counts.items()}
 
 
 @TASKS.register("vqav2")

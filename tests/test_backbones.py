@@ -1,0 +1,119 @@
+"""The demo's small backbones: trained from the world, saved as ordinary Hugging Face folders that the
+recipe's real code paths (AutoModel, the curation embedder, the vision encoder registry, the LLM
+family table, assemble_model) open like google/siglip-so400m and microsoft/phi-2 folders."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from bunny.backbones import BackboneSettings, build_backbones, corpus
+from bunny.backbones.language import LMSettings
+from bunny.backbones.vision import VisionSettings, batch, build_model, sigmoid_loss
+from bunny.data.synthetic.scenes import render, sample_scene
+
+TINY = BackboneSettings(
+    vocab_size=400,
+    tokenizer_scenes=150,
+    vision=VisionSettings(hidden_size=32, layers=2, heads=2, intermediate_size=64, text_hidden_size=32,
+                          text_layers=1, steps=12, batch_size=16, warmup=2),
+    lm=LMSettings(hidden_size=32, layers=2, heads=2, intermediate_size=64, steps=12, batch_size=4, warmup=2,
+                  turns=2, probe_questions=14),
+)
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    return build_backbones(tmp_path_factory.mktemp("bb"), TINY, log=None)
+
+
+def test_siglip_starts_at_the_siglip_papers_scale_and_bias():
+    from bunny.backbones.tokenizer import train_tokenizer, wrap
+
+    tok = wrap(train_tokenizer(corpus(20, 0), 300), model_max_length=64)
+    model = build_model(tok, TINY.vision)
+    assert float(model.logit_scale) == pytest.approx(math.log(10))
+    assert float(model.logit_bias) == pytest.approx(-10.0)
+
+
+def test_sigmoid_loss_is_siglips_own(backbones):
+    from transformers import AutoTokenizer, SiglipModel
+
+    model = SiglipModel.from_pretrained(backbones.vision).eval()
+    tok = AutoTokenizer.from_pretrained(backbones.vision)
+    pixels, ids, _, _ = batch(tok, np.random.default_rng(0), TINY.vision)
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
+        ours = sigmoid_loss(model.get_image_features(pixel_values=pixels).pooler_output,
+                            model.get_text_features(input_ids=ids).pooler_output,
+                            model.logit_scale, model.logit_bias)
+    assert float(ours) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_folders_open_with_the_auto_classes(backbones):
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer, PhiForCausalLM, SiglipModel
+
+    siglip = AutoModel.from_pretrained(backbones.vision)
+    assert isinstance(siglip, SiglipModel)  # both towers: curation embeds images and captions with it
+    assert siglip.config.vision_config.image_size == 48 and siglip.config.vision_config.patch_size == 16
+    proc = AutoImageProcessor.from_pretrained(backbones.vision)
+    assert proc(images=[render(sample_scene(np.random.default_rng(0)), 48)], return_tensors="pt")[
+        "pixel_values"].shape == (1, 3, 48, 48)
+    lm = AutoModelForCausalLM.from_pretrained(backbones.lm)
+    assert isinstance(lm, PhiForCausalLM)  # microsoft/phi-2's architecture, so the `phi-2` family takes it
+    tok = AutoTokenizer.from_pretrained(backbones.lm)
+    assert tok.eos_token == "<|endoftext|>" and tok.convert_tokens_to_ids("<image>") != tok.unk_token_id
+    assert tok.tokenize(" red circle") == ["Ġred", "Ġcircle"]
+
+
+def test_training_figures_are_recorded_and_losses_fall(backbones):
+    f = backbones.figures
+    assert f["tokenizer"]["vocab_size"] == TINY.vocab_size
+    v, lm = f["vision"], f["lm"]
+    assert v["sigmoid_loss_last"] < v["sigmoid_loss_first"]
+    assert v["attribute_loss_last"] < v["attribute_loss_first"]
+    assert lm["loss_last"] < lm["loss_first"]
+    assert set(lm["probe"]) >= {"color", "count", "mean"} and 0 <= lm["probe"]["mean"] <= 1
+    assert len(v["losses"]) == TINY.vision.steps and len(lm["losses"]) == TINY.lm.steps
+
+
+def test_second_build_is_a_cache_hit_and_other_settings_are_not(backbones, tmp_path):
+    t = time.perf_counter()
+    again = build_backbones(backbones.root.parent, TINY, log=None)
+    assert again.reused and again.root == backbones.root and time.perf_counter() - t < 1.0
+    assert again.figures == backbones.figures
+    other = BackboneSettings.from_dict({**_as_dict(TINY), "seed": 1})
+    assert other.key() != TINY.key()
+
+
+def _as_dict(s):
+    from dataclasses import asdict
+
+    return asdict(s)
+
+
+def test_the_recipe_code_paths_take_the_folders(backbones):
+    from PIL import Image
+
+    from bunny.curate.embed import Embedder
+    from bunny.model.assemble import assemble_model
+    from bunny.model.vision import VISION_ENCODERS
+
+    emb = Embedder(backbones.vision)
+    img = render(sample_scene(np.random.default_rng(1)), 48)
+    v = emb.images([img, Image.new("RGB", (48, 48))])
+    t = emb.texts(["a large red circle at the top left on snow", "image"])
+    assert v.shape == t.shape == (2, TINY.vision.hidden_size) and np.isfinite(v).all()
+    enc = VISION_ENCODERS.get("siglip").from_pretrained(backbones.vision)
+    assert enc.num_tokens == 9  # 48 px / 16 px patches: one token per grid cell
+    model, processor = assemble_model(backbones.vision, backbones.lm)
+    assert model.config.llm_family == "phi-2" and processor.chat_template == "bunny"
+    text = processor.render([{"role": "user", "content": "<image>\nWhat color is the circle?"}])
+    inputs = processor(text=[text], images=[img], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
