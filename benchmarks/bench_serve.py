@@ -76,6 +76,17 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def slope_per_1000(samples: list[tuple[int, float]]) -> float:
+    """Least-squares trend of RSS (MB) per 1,000 requests: a leak shows as a steady positive slope,
+    while the batch working set only makes samples swing around a level."""
+    if len(samples) < 2:
+        return float("nan")
+    xs, ys = [n for n, _ in samples], [mb for _, mb in samples]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return 1000 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else float("nan")
+
+
 class Server:
     def __init__(self, model: Path, extra: list[str], log: Path) -> None:
         self.port = free_port()
@@ -166,7 +177,7 @@ def phase(model: Path, extra: list[str], args, log: Path, memory: bool = False) 
             # swing with the batch working set (KV caches, activations) and come back down.
             idle_before = rss_mb(server.proc.pid)
             samples: list[tuple[int, float]] = []
-            every = max(1, args.memory_requests // 10)
+            every = max(1, args.memory_requests // 20)
 
             def sample(done: int) -> None:
                 if done % every == 0:
@@ -176,7 +187,8 @@ def phase(model: Path, extra: list[str], args, log: Path, memory: bool = False) 
                                    args.phase_timeout * 3, on_done=sample))
             time.sleep(1.0)
             idle_after = rss_mb(server.proc.pid)
-            mem.update(rss_idle_before_mb=round(idle_before, 1), rss_idle_after_mb=round(idle_after, 1),
+            mem.update(rss_slope_mb_per_1000=round(slope_per_1000(samples), 1),
+                       rss_idle_before_mb=round(idle_before, 1), rss_idle_after_mb=round(idle_after, 1),
                        rss_peak_mb=round(max([mb for _, mb in samples] + [idle_after]), 1),
                        rss_samples_mb=[(n, round(mb, 1)) for n, mb in samples],
                        rss_growth_mb=round(idle_after - idle_before, 1))
@@ -198,7 +210,7 @@ def main() -> int:
     ap.add_argument("--server-threads", type=int, default=1,
                     help="torch threads of the server (the load clients need the other core)")
     ap.add_argument("--memory-tolerance-mb", type=float, default=16.0,
-                    help="largest idle RSS growth over the memory phase that still counts as flat")
+                    help="flat = idle RSS growth and the per-1,000-request trend both within this")
     ap.add_argument("--phase-timeout", type=float, default=240, help="seconds per load phase")
     ap.add_argument("--model", default=None, help="model folder (default: build a small random one)")
     ap.add_argument("--json", default=None, help="also write the figures here")
@@ -229,13 +241,14 @@ def main() -> int:
     print(f"\ntokens/s ratio, batching / none: {ratio:.2f}x (target >= 3x)")
     print(f"memory over {mem['requests']} requests ({mem['failures']} failed, {args.memory_tokens} tokens each): "
           f"idle RSS {mem['rss_idle_before_mb']} MB before, {mem['rss_idle_after_mb']} MB after "
-          f"(growth {mem['rss_growth_mb']} MB), peak {mem['rss_peak_mb']} MB; in-flight samples (request, MB): "
+          f"(growth {mem['rss_growth_mb']} MB), peak {mem['rss_peak_mb']} MB, trend of the in-flight samples "
+          f"{mem['rss_slope_mb_per_1000']} MB per 1,000 requests; samples (request, MB): "
           f"{mem['rss_samples_mb']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"unbatched": base, "batched": dyn, "ratio": ratio}, indent=2))
     failed = base["failures"] + dyn["failures"] + mem["failures"]
     complete = base["complete"] and dyn["complete"] and mem["complete"]
-    flat = mem["rss_growth_mb"] <= args.memory_tolerance_mb
+    flat = mem["rss_growth_mb"] <= args.memory_tolerance_mb and mem["rss_slope_mb_per_1000"] <= args.memory_tolerance_mb
     ok = failed == 0 and complete and ratio >= 3 and flat
     print("PASS" if ok else f"FAIL (failures={failed}, complete={complete}, ratio={ratio:.2f}, memory flat={flat})")
     return 0 if ok else 1

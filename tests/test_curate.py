@@ -178,9 +178,9 @@ def test_local_pipeline_end_to_end(pool, default_run):
 
 
 def test_same_input_same_coreset_whatever_the_memory_settings(pool, default_run, tmp_path):
-    """Spill partitions, similarity blocks and the dedup product change how, not what."""
+    """Spill partitions, similarity blocks, the dedup product and the threads change how, not what."""
     root, _ = pool
-    res = run_curation(SMALL | {"spill_partition_mb": 0.1, "block_size": 128, "dedup_matmul": "bf16"},
+    res = run_curation(SMALL | {"spill_partition_mb": 0.1, "block_size": 128, "dedup_matmul": "bf16", "threads": 1},
                        out=tmp_path, embeddings=root)
     assert res.counts() == default_run.counts()
     assert res.funnel["steps"][4]["spill_partitions"] == 6 and default_run.funnel["steps"][4]["spill_partitions"] == 1

@@ -28,7 +28,7 @@ def local_ray():
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray") / "emb"
-    planted_pool(root, 2500, dim=32, shard_rows=700, points_per_topic=250, image_paths=True, seed=4)
+    planted_pool(root, 1500, dim=32, shard_rows=400, points_per_topic=150, image_paths=True, seed=4)
     return root
 
 
@@ -41,22 +41,22 @@ def _same(a, b):
 
 
 def test_ray_engine_gives_the_local_coreset(local_ray, pool, tmp_path):
-    cfg = {"clusters": 12, "coarse_clusters": 3, "kmeans_train_size": 1500, "kmeans_iters": 6,
+    cfg = {"clusters": 10, "coarse_clusters": 3, "kmeans_train_size": 1000, "kmeans_iters": 6,
            "keep": "random", "seed": 5, "min_caption_chars": 20, "image_text_band": [0.2, 0.9],
-           "centroid_band": [0.1, 0.7], "sample": 500, "block_size": 64}
+           "centroid_band": [0.1, 0.7], "sample": 250, "block_size": 64}
     local = run_curation(cfg, out=tmp_path / "local", embeddings=pool)
     dist = run_curation(cfg, out=tmp_path / "ray", embeddings=pool, engine="ray")
     assert dist.funnel["engine"] == "ray" and local.funnel["engine"] == "local"
     _same(local, dist)
     dropped = pq.read_table(dist.dropped).to_pandas()
-    assert set(dropped.step) == {"filter", "dedup", "image_text", "centroid", "sample"} and dist.count == 500
+    assert set(dropped.step) == {"filter", "dedup", "image_text", "centroid", "sample"} and dist.count == 250
     assert ray.is_initialized()  # a running Ray is used, not stopped
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("keep", ["median", "farthest"])
 def test_ray_engine_equals_local_per_keep_rule(local_ray, pool, tmp_path, keep):
-    cfg = {"clusters": 6, "kmeans_train_size": 2500, "kmeans_iters": 5, "keep": keep, "dedup_threshold": 0.9}
+    cfg = {"clusters": 6, "kmeans_train_size": 1500, "kmeans_iters": 5, "keep": keep, "dedup_threshold": 0.9}
     _same(run_curation(cfg, out=tmp_path / "l", embeddings=pool),
           run_curation(cfg, out=tmp_path / "r", embeddings=pool, engine="ray"))
 

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _train_helpers import TINY_TEXT, TINY_VISION, max_diff, one_thread, short_instruct, trainable_tensors, world
+from _train_helpers import (
+    TINY_TEXT,
+    TINY_VISION,
+    max_diff,
+    one_thread,
+    short_instruct,
+    trainable_tensors,
+    world,
+)
 
 from bunny.config import load_config
 from bunny.train import run
@@ -77,10 +85,18 @@ def test_ddp_two_processes_equal_one(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_deepspeed_two_processes_equal_one(tmp_path, zero):
-    config = _config(tmp_path, deepspeed=str(REPO / "configs" / "deepspeed" / f"{zero}.json"), save_steps=2)
-    _torchrun(config, tmp_path / "ds", timeout=600)
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp"])
+def test_sharded_engines_two_processes_equal_one_with_resume(tmp_path, engine):
+    """DeepSpeed ZeRO-2/3 (shipped JSON configs) and FSDP2 on 2 processes: stopped after a checkpoint,
+    resumed from their own sharded checkpoint format, and equal to one plain process."""
+    over = {"distributed": "fsdp"} if engine == "fsdp" else \
+        {"deepspeed": str(REPO / "configs" / "deepspeed" / f"{engine}.json")}
+    config = _config(tmp_path, save_steps=2, **over)
+    out = tmp_path / engine
+    _torchrun(config, out, "stop_after_steps=2", timeout=600)
+    ckpt = out / "checkpoints" / "step-00000002"
+    assert (ckpt / ("dcp" if engine == "fsdp" else "deepspeed")).is_dir() and not (out / "final").exists()
+    _torchrun(config, out, "resume=true", timeout=600)
     _one_process(config, tmp_path / "one", "distributed=none", "deepspeed=null")
-    assert max_diff(trainable_tensors(tmp_path / "one"), trainable_tensors(tmp_path / "ds")) <= TOL
-    assert (tmp_path / "ds" / "checkpoints" / "step-00000002" / "deepspeed").is_dir()
+    assert max_diff(trainable_tensors(tmp_path / "one"), trainable_tensors(out)) <= TOL
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]

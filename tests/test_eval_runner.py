@@ -100,6 +100,15 @@ def test_rerun_resumes_after_an_interruption(bench, answerer, reference, tmp_pat
         evaluate(counting, ["pope"], bench, tmp_path, limit=LIMIT, model_id="other", quiet=True)
 
 
+def test_other_weights_never_resume_into_the_same_folder(bench, tmp_path):
+    first = tiny_model(seed=0)
+    evaluate(first, ["pope"], bench, tmp_path, limit=2, max_new_tokens=2, quiet=True, report=False)
+    evaluate(tiny_model(seed=0), ["pope"], bench, tmp_path, limit=4, max_new_tokens=2, quiet=True, report=False)
+    assert len(read_records(tmp_path / "pope" / "answers.jsonl")) == 4  # same weights: resumed
+    with pytest.raises(EvalDataError, match="was answered by model 'bunny-"):
+        evaluate(tiny_model(seed=1), ["pope"], bench, tmp_path, limit=4, quiet=True, report=False)
+
+
 def test_missing_image_fails_before_any_generation(bench, tmp_path):
     import shutil
 

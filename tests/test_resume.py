@@ -12,8 +12,16 @@ import time
 
 import pytest
 import yaml
-from _train_helpers import TINY_TEXT, TINY_VISION, max_diff, one_thread, short_instruct, tiny_cfg, trainable_tensors, \
-    world
+from _train_helpers import (
+    TINY_TEXT,
+    TINY_VISION,
+    max_diff,
+    one_thread,
+    short_instruct,
+    tiny_cfg,
+    trainable_tensors,
+    world,
+)
 
 from bunny.train import checkpointing as ckpt_io
 from bunny.train import run

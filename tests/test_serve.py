@@ -326,6 +326,23 @@ def test_batcher_queue_limit_cancel_and_close(small_gen):
     assert kind == "error" and "shutting down" in str(value) and rows == 0
 
 
+def test_batcher_reports_a_failed_batch_to_its_clients(small_gen):
+    bad = GenerationRequest([{"role": "user", "content": "<image>\nno image sent"}], [], SamplingParams(max_new_tokens=2))
+    good = GenerationRequest([{"role": "user", "content": "hi"}], [], SamplingParams(max_new_tokens=2))
+
+    async def main():
+        batcher = DynamicBatcher(small_gen, max_batch=1, max_wait_s=0)
+        try:
+            out = [await _collect(batcher.submit(bad)), await _collect(batcher.submit(good))]
+            return out, batcher.batches_run
+        finally:
+            batcher.close()
+
+    (bad_out, good_out), batches = asyncio.run(main())
+    assert bad_out[0] == "error" and "placeholder" in str(bad_out[1])
+    assert good_out[0] == "done" and batches == 1  # the worker goes on after a failure
+
+
 class _ImageHandler(http.server.BaseHTTPRequestHandler):
     png = png_bytes(tiny_images(1, seed=4)[0])
 

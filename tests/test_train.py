@@ -93,9 +93,12 @@ def test_stage2_lora_from_stage1_then_merge_and_average(stage1, tmp_path):
     merged = tmp_path / "merged"
     assert main(["merge", "--model", str(out), "--out", str(merged)]) == 0
     m_model, m_proc = bunny.load_model(merged)
-    from bunny.train.lora_io import load_lora_run
+    from bunny.model.lora import load_lora_model
 
-    l_model, _ = load_lora_run(final, merge=False)
+    l_model, _ = load_lora_model(final, merge=False)  # the PEFT wrapper kept, unmerged
+    from peft import PeftModel
+
+    assert isinstance(l_model.language_model, PeftModel)
     ids = torch.tensor([[5, 6, 7, 8, m_proc.image_token_id] + [m_proc.image_token_id] * (m_proc.num_image_tokens - 1)])
     pix = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -213,3 +216,27 @@ def test_example_configs_run_on_synth_output(tmp_path):
         assert (out / "final").is_dir()
     model, processor = bunny.load_model(s1 / "final")
     assert processor.num_image_tokens == model.config.num_image_tokens
+
+
+def test_stage1_from_backbone_folders_like_the_paper_recipes(tmp_path):
+    """vision_tower + language_model name HF folders (as google/siglip-so400m and microsoft/phi-2 would be):
+    the model is assembled from them, only the new projector trains, the towers stay as loaded."""
+    from _tokenizers import trained_bpe
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from _train_helpers import TINY_TEXT, TINY_VISION
+
+    vision_dir, llm_dir = tmp_path / "siglip", tmp_path / "llm"
+    torch.manual_seed(1)
+    SiglipVisionModel(SiglipVisionConfig(**TINY_VISION)).save_pretrained(vision_dir)
+    (vision_dir / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"height": 32, "width": 32}}))
+    tok = trained_bpe("bytelevel")
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), **TINY_TEXT)).save_pretrained(llm_dir)
+    tok.save_pretrained(llm_dir)
+    final = run(tiny_cfg(tmp_path / "run", tiny=None, vision_tower=str(vision_dir), language_model=str(llm_dir),
+                         max_steps=2))
+    model, processor = bunny.load_model(final)
+    llm = Qwen2ForCausalLM.from_pretrained(llm_dir)
+    assert torch.equal(model.language_model.model.layers[0].mlp.up_proj.weight, llm.model.layers[0].mlp.up_proj.weight)
+    assert model.config.llm_family == "qwen2" and processor.image_processor.size == 32

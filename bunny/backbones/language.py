@@ -48,6 +48,7 @@ class LMSettings:
     text_share: float = 0.1
     plain_share: float = 0.1
     caption_as_context: float = 0.3  # share of conversations whose context is a caption, not the description
+    probe_questions: int = 300  # held-out questions of the final probe
     seed: int = 0
 
 
@@ -187,11 +188,11 @@ def train_language(tok, out_dir: str | Path, s: LMSettings, log=print) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if log and (step % 50 == 0 or step == s.steps - 1):
             log(f"  lm step {step:4d}/{s.steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
     seconds = time.perf_counter() - t0
-    acc = probe(model, tok, np.random.default_rng(s.seed + 10_000))
+    acc = probe(model, tok, np.random.default_rng(s.seed + 10_000), n=s.probe_questions)
     out = Path(out_dir)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id

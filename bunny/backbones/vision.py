@@ -51,7 +51,7 @@ class VisionSettings:
     intermediate_size: int = 512
     text_hidden_size: int = 128
     text_layers: int = 2
-    text_max_positions: int = 64
+    text_max_positions: int = 48  # captions are at most ~41 tokens
     feature_layer: int = -2  # where the attribute heads read (the MLLM's vision_feature_layer)
     steps: int = 300
     batch_size: int = 64
@@ -59,6 +59,7 @@ class VisionSettings:
     warmup: int = 20
     weight_decay: float = 0.05
     aux_weight: float = 1.0
+    hard_negative_share: float = 0.5  # batch share that are copies of other scenes with one fact changed
     logit_scale_init: float = math.log(10.0)
     logit_bias_init: float = -10.0
     seed: int = 0
@@ -142,7 +143,14 @@ def patches_to_cells(tokens: torch.Tensor, grid: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- data
 def batch(tok, rng: np.random.Generator, s: VisionSettings):
-    scenes = [sample_scene(rng, s.grid) for _ in range(s.batch_size)]
+    """A training batch. A share of it are hard negatives: a scene of the batch with one color, shape or
+    the background changed, so the sigmoid loss must tell scenes apart by a single fact (what
+    near-duplicate removal and mismatched-caption detection need), not only by their overall look."""
+    from bunny.data.synthetic.questions import altered
+
+    n_hard = int(s.batch_size * s.hard_negative_share / 2)
+    scenes = [sample_scene(rng, s.grid) for _ in range(s.batch_size - n_hard)]
+    scenes += [altered(scenes[i], rng) for i in range(n_hard)]
     mean = std = np.float32(0.5)
     pixels = np.stack([
         ((np.asarray(render(sc, s.image_size, rng), dtype=np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)
@@ -170,26 +178,75 @@ def lr_at(step: int, s: VisionSettings) -> float:
 
 @torch.no_grad()
 def evaluate(model, heads, tok, s: VisionSettings, n: int = 256) -> dict[str, float]:
-    """Held-out figures: caption retrieval top-1 (image -> its caption among ``n``), and per-cell
-    attribute accuracy of the heads (non-empty cells)."""
+    """Held-out figures on fresh scenes:
+
+    - ``retrieval_top1``: image -> its caption among ``n``;
+    - ``match_auc``: P(an image is closer to its own caption than to another scene's), what the
+      image-text band of curation relies on to drop mismatched captions;
+    - ``dup_cos_p5`` / ``altered_cos_p95`` / ``other_cos_p99``: image-image cosine with a near-duplicate
+      (1 px shift, brightness, JPEG), with the scene one fact changed, and with other scenes: where
+      the dedup threshold can sit;
+    - ``attr_*``: per-cell attribute accuracy of the heads (occupied cells; ``empty``: empty cells).
+    """
+    from PIL import Image
+
+    from bunny.data.synthetic.pool import near_duplicate
+    from bunny.data.synthetic.questions import altered
+    from bunny.data.synthetic.scenes import encode
+
     model.eval()
     rng = np.random.default_rng(s.seed + 1_000_003)
-    ev = VisionSettings(**{**asdict(s), "batch_size": n})
+    ev = VisionSettings(**{**asdict(s), "batch_size": n, "hard_negative_share": 0.0})
     pixels, ids, tgt, _ = batch(tok, rng, ev)
+
+    def embed_images(px):
+        out = model.get_image_features(pixel_values=px)
+        return F.normalize(out if torch.is_tensor(out) else out.pooler_output, dim=-1)
+
     out = model.vision_model(pixel_values=pixels, output_hidden_states=True)
-    img = model.get_image_features(pixel_values=pixels)
+    img = embed_images(pixels)
     txt = model.get_text_features(input_ids=ids)
-    img = img if torch.is_tensor(img) else img.pooler_output
-    txt = txt if torch.is_tensor(txt) else txt.pooler_output
-    sim = F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).t()
+    txt = F.normalize(txt if torch.is_tensor(txt) else txt.pooler_output, dim=-1)
+    sim = img @ txt.t()
     retrieval = float((sim.argmax(1) == torch.arange(n)).float().mean())
+    own = sim.diag()[:, None]
+    off = ~torch.eye(n, dtype=torch.bool)
+    auc = float((own > sim)[off].float().mean())
+    # image-image: near-duplicates and one-fact changes of fresh scenes
+    k = 64
+    scenes = [sample_scene(rng, s.grid) for _ in range(k)]
+
+    def px_of(images):
+        return torch.from_numpy(np.stack([
+            ((np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+            for im in images]))
+
+    base = [Image.open(io_bytes(encode(render(sc, s.image_size, rng), "JPEG"))) for sc in scenes]
+    dups = [Image.open(io_bytes(near_duplicate(encode(im, "JPEG"), rng))) for im in base]
+    alt = [render(altered(sc, rng), s.image_size, rng) for sc in scenes]
+    e_base, e_dup, e_alt = embed_images(px_of(base)), embed_images(px_of(dups)), embed_images(px_of(alt))
+    other = e_base @ e_base.t()
+    figures = {
+        "retrieval_top1": retrieval,
+        "match_auc": auc,
+        "dup_cos_p5": float(torch.quantile((e_base * e_dup).sum(-1), 0.05)),
+        "altered_cos_p95": float(torch.quantile((e_base * e_alt).sum(-1), 0.95)),
+        "other_cos_p99": float(torch.quantile(other[~torch.eye(k, dtype=torch.bool)], 0.99)),
+    }
     pred = heads(patches_to_cells(out.hidden_states[s.feature_layer], s.grid))
     occupied = tgt["shape"] > 0
-    acc = {k: float((pred[k].argmax(-1) == tgt[k])[occupied].float().mean()) for k in ("shape", "color", "size")}
-    acc["background"] = float((pred["background"].argmax(-1) == tgt["background"]).float().mean())
-    acc["empty"] = float((pred["shape"].argmax(-1) == 0)[~occupied].float().mean())
+    for name in ("shape", "color", "size"):
+        figures[f"attr_{name}"] = float((pred[name].argmax(-1) == tgt[name])[occupied].float().mean())
+    figures["attr_background"] = float((pred["background"].argmax(-1) == tgt["background"]).float().mean())
+    figures["attr_empty"] = float((pred["shape"].argmax(-1) == 0)[~occupied].float().mean())
     model.train()
-    return {"retrieval_top1": round(retrieval, 3), **{f"attr_{k}": round(v, 3) for k, v in acc.items()}}
+    return {k: round(v, 4) for k, v in figures.items()}
+
+
+def io_bytes(data: bytes):
+    import io
+
+    return io.BytesIO(data)
 
 
 def train_vision(tok, out_dir: str | Path, s: VisionSettings, log=print) -> dict:
@@ -220,8 +277,8 @@ def train_vision(tok, out_dir: str | Path, s: VisionSettings, log=print) -> dict
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss_c))
-        aux_losses.append(float(loss_a))
+        losses.append(loss_c.item())
+        aux_losses.append(loss_a.item())
         if log and (step % 50 == 0 or step == s.steps - 1):
             log(f"  vision step {step:4d}/{s.steps} sigmoid {loss_c.item():.3f} attributes {loss_a.item():.3f} "
                 f"({time.perf_counter() - t0:.0f} s)")

@@ -22,7 +22,7 @@ keep=median|nearest|farthest|random, block_size=2048, dedup_matmul=auto|float32|
 image_text_band=[0.4,0.6], centroid_band=[0.15,0.35] ([0,1]: off), sample=null, seed=0,
 min_caption_words=0, min_caption_chars=0, min_image_side=0, max_aspect_ratio=null,
 embed_batch_size=32, shard_size=10000, image_mode=square|pad, bad_images=error|drop, device=cpu,
-spill_partition_mb=256, write_scores=false, ray_address=null, ray_num_cpus=null, ray_embed_actors=1,
+spill_partition_mb=256, write_scores=false, threads=null, ray_address=null, ray_num_cpus=null, ray_embed_actors=1,
 ray_gpus_per_actor=0.
 """
 

@@ -26,6 +26,7 @@ from .parallel import worker_pool
 
 ASSIGN_BLOCK_FLOATS = 1 << 24  # similarity entries per assignment block (64 MB)
 SINGLE_THREAD_K = 64
+COARSE_POINTS_PER_CENTROID = 256
 
 
 def _normalize(c: np.ndarray) -> np.ndarray:
@@ -34,7 +35,7 @@ def _normalize(c: np.ndarray) -> np.ndarray:
 
 
 def _kmeans(x: np.ndarray, k: int, iters: int, seed: int, init: np.ndarray | None = None,
-            threads: int | None = None) -> np.ndarray:
+            threads: int | None = None, max_points_per_centroid: int = 1 << 30) -> np.ndarray:
     """Spherical k-means of the rows of ``x`` (normalised) -> k normalised centroids.
 
     Small problems (k <= ``SINGLE_THREAD_K``, e.g. the coarse level and every second-level cell)
@@ -48,7 +49,7 @@ def _kmeans(x: np.ndarray, k: int, iters: int, seed: int, init: np.ndarray | Non
         return _normalize(x.mean(axis=0, keepdims=True, dtype=np.float64))
     km = faiss.Kmeans(
         x.shape[1], k, niter=iters, seed=seed, spherical=True, verbose=False,
-        max_points_per_centroid=1 << 30, min_points_per_centroid=1,  # the sample is the caller's choice
+        max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1,
     )
     before = faiss.omp_get_max_threads()
     if threads:
@@ -131,7 +132,10 @@ def train(draw: Callable[[int], np.ndarray], cfg: CurateConfig) -> Clustering:
         init = coarse if cfg.coarse_clusters else centroids
         if init is not None and len(init) != min(top_k, len(sample)):
             init = None  # a smaller sample this round than the last: start afresh
-        trained = _kmeans(sample, top_k, cfg.kmeans_iters, cfg.seed + r, init)
+        # flat: the whole sample (the caller's choice); the coarse level of two: faiss's usual
+        # 256 points per centroid are plenty for a few dozen cells
+        trained = _kmeans(sample, top_k, cfg.kmeans_iters, cfg.seed + r, init,
+                          max_points_per_centroid=COARSE_POINTS_PER_CENTROID if cfg.coarse_clusters else 1 << 30)
         if cfg.coarse_clusters:
             coarse = trained
         else:

@@ -340,18 +340,10 @@ def run_local(emb_dir: str | Path, out: str | Path, cfg: CurateConfig) -> dict[s
     parts = _spill_parts(state, clusters.k) if cfg.dedup_enabled else 0
     spill = Path(tempfile.mkdtemp(prefix=".spill-", dir=out))
     try:
-        files = [open(spill / f"part_{p}.f32", "wb") for p in range(parts)]  # noqa: SIM115
-        try:
-            for i, shard in enumerate(tqdm(layout.shards, desc="assign", unit="shard", disable=None)):
-                for scored in score_chunks(layout, i, clusters, state.alive[shard.start : shard.start + shard.rows]):
-                    apply_scores(state, scored)
-                    if parts:
-                        part = scored["cluster"] % parts
-                        for p in np.unique(part):
-                            files[p].write(scored["emb"][part == p].tobytes())
-        finally:
-            for f in files:
-                f.close()
+        with worker_pool(cfg.threads) as pool:  # shards are independent: one per worker thread
+            done = pool.map(lambda i: _score_and_spill(state, clusters, i, spill, parts), range(len(layout.shards)))
+            for _ in tqdm(done, total=len(layout.shards), desc="assign", unit="shard", disable=None):
+                pass
         state.record("cluster", enabled=cfg.needs_clusters)  # drops nothing; in the funnel for its time
         if parts:
             _dedup_spilled(state, spill, parts)
@@ -359,6 +351,41 @@ def run_local(emb_dir: str | Path, out: str | Path, cfg: CurateConfig) -> dict[s
         shutil.rmtree(spill, ignore_errors=True)
     state.record("dedup", enabled=cfg.dedup_enabled, spill_partitions=parts, matmul=state.info.get("dedup_matmul"))
     return select_and_write(state, out, "local")
+
+
+def _score_and_spill(state: State, clusters: clustering.Clustering, index: int, spill: Path, parts: int) -> None:
+    """Score and assign one shard; append its normalised vectors to ``spill/part_<p>/<index>.f32``
+    by partition (row order kept), so a partition read back in shard order is in gidx order."""
+    shard = state.layout.shards[index]
+    files: dict[int, Any] = {}
+    try:
+        for scored in score_chunks(state.layout, index, clusters, state.alive[shard.start : shard.start + shard.rows]):
+            apply_scores(state, scored)  # rows of this shard only: no other thread writes them
+            if not parts:
+                continue
+            part = scored["cluster"] % parts
+            for p in np.unique(part):
+                if p not in files:
+                    (spill / f"part_{p}").mkdir(exist_ok=True)
+                    files[p] = open(spill / f"part_{p}" / f"{index}.f32", "wb")  # noqa: SIM115
+                files[p].write(scored["emb"][part == p].tobytes())
+    finally:
+        for f in files.values():
+            f.close()
+
+
+def _read_partition(folder: Path, rows: int, dim: int) -> np.ndarray:
+    """The spilled vectors of one partition, shard files in shard order (= gidx order)."""
+    out = np.empty((rows, dim), dtype=np.float32)
+    view = memoryview(out).cast("B")
+    at = 0
+    files = sorted(folder.glob("*.f32"), key=lambda f: int(f.stem)) if folder.is_dir() else []
+    for f in files:
+        with open(f, "rb") as fh:
+            at += fh.readinto(view[at:])
+    if at != out.nbytes:
+        raise CurateError(f"{folder}: spill partition holds {at // (4 * dim)} rows, expected {rows}")
+    return out
 
 
 def _dedup_spilled(state: State, spill: Path, parts: int) -> None:
@@ -373,10 +400,7 @@ def _dedup_spilled(state: State, spill: Path, parts: int) -> None:
     with worker_pool(state.cfg.threads) as pool:
         for p in tqdm(range(parts), desc="dedup", unit="part", disable=None):
             gidx = alive[by_part[bounds[p] : bounds[p + 1]]]
-            emb = np.fromfile(spill / f"part_{p}.f32", dtype=np.float32)
-            if emb.size != len(gidx) * dim:
-                raise CurateError(f"{spill}: spill partition {p} holds {emb.size // dim} rows, expected {len(gidx)}")
-            emb = emb.reshape(len(gidx), dim)
+            emb = _read_partition(spill / f"part_{p}", len(gidx), dim)
             order = np.argsort(state.cluster[gidx], kind="stable")
             cl = state.cluster[gidx[order]]
             edges = np.flatnonzero(np.r_[True, cl[1:] != cl[:-1], True])

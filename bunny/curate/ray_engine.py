@@ -2,8 +2,8 @@
 
 - embedding (pool mode): an actor pool (``map_batches`` with a callable class), one model per
   actor, one shard per call (``embed.py``);
-- assignment: an actor pool that holds the centroids and scores whole shards (``score_shard``,
-  the function the local engine runs);
+- assignment: one task per shard, chunk by chunk (``score_chunks``, the function the local
+  engine runs), with the centroids as an argument;
 - dedup: ``groupby("cluster").map_groups`` runs ``dedup_cluster`` on each cluster, wherever it is.
 
 The driver keeps what is small: the keys, the k-means sample and training (as done at LAION
@@ -55,23 +55,19 @@ def ray_session(cfg: CurateConfig) -> Iterator[None]:
         ray.shutdown()
 
 
-class _Scorer:
-    """Actor: holds the centroids; scores and assigns one shard per call, yielding it chunk by chunk."""
-
-    def __init__(self, root: str, arrays: dict[str, np.ndarray], with_emb: bool) -> None:
-        self.layout = open_layout(root)
-        self.clusters = Clustering.from_arrays(arrays)
-        self.with_emb = with_emb
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        index = int(batch["shard"][0])
-        shard = self.layout.shards[index]
-        alive = np.zeros(shard.rows, dtype=bool)
-        alive[np.asarray(batch["alive_rows"][0], dtype=np.int64)] = True
-        for chunk in score_chunks(self.layout, index, self.clusters, alive):
-            if not self.with_emb:
-                del chunk["emb"]
-            yield chunk
+def _score(batch: dict[str, np.ndarray], root: str, arrays: dict[str, np.ndarray],
+           with_emb: bool) -> Iterator[dict[str, np.ndarray]]:
+    """Task: score and assign one shard (``batch`` names it and its surviving rows), chunk by chunk."""
+    layout = open_layout(root)
+    clusters = Clustering.from_arrays(arrays)
+    index = int(batch["shard"][0])
+    shard = layout.shards[index]
+    alive = np.zeros(shard.rows, dtype=bool)
+    alive[np.asarray(batch["alive_rows"][0], dtype=np.int64)] = True
+    for chunk in score_chunks(layout, index, clusters, alive):
+        if not with_emb:
+            del chunk["emb"]
+        yield chunk
 
 
 def _dedup_group(batch: dict[str, np.ndarray], **args: Any) -> dict[str, np.ndarray]:
@@ -98,10 +94,9 @@ def run_ray(emb_dir: str | Path, out: str | Path, cfg: CurateConfig) -> dict[str
                  for i, s in enumerate(layout.shards) if s.rows]
         workers = max(1, int(ray.available_resources().get("CPU", 1)))
         scored = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _Scorer, batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(workers, len(items))),
-            fn_constructor_kwargs={"root": str(layout.root.resolve()), "arrays": clusters.to_arrays(),
-                                   "with_emb": cfg.dedup_enabled},
+            _score, batch_size=1, batch_format="numpy",
+            fn_kwargs={"root": str(layout.root.resolve()), "arrays": clusters.to_arrays(),
+                       "with_emb": cfg.dedup_enabled},
         )
         if cfg.dedup_enabled:
             partitions = max(1, min(clusters.k, 4 * workers))

@@ -11,7 +11,7 @@ LABELS = {
     "input": "input",
     "embed": "embedded (readable)",
     "filter": "basic filter",
-    "dedup": "deduplicate",
+    "dedup": "k-means + dedup",
     "image_text": "image-text band",
     "centroid": "centroid band",
     "sample": "random sample",
@@ -23,12 +23,23 @@ def write_funnel(out: Path, funnel: dict[str, Any]) -> None:
     plot_funnel(funnel, out / "funnel.png")
 
 
+def _timing_before(steps: list[dict[str, Any]], step: dict[str, Any]) -> list[dict[str, Any]]:
+    """The timing-only steps (k-means, assignment) just before ``step``: their time is part of its cost."""
+    i = steps.index(step)
+    out = []
+    while i > 0 and steps[i - 1]["step"] in TIMING_ONLY:
+        i -= 1
+        out.append(steps[i])
+    return out
+
+
 def plot_funnel(funnel: dict[str, Any], path: Path) -> None:
     """Horizontal bars, one per step, with the count and the share of the input it keeps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     steps = [s for s in funnel["steps"] if s["step"] not in TIMING_ONLY]
     total = max(steps[0]["count"], 1)
@@ -40,10 +51,13 @@ def plot_funnel(funnel: dict[str, Any], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_yticks(range(len(steps)), names)
     ax.set_xlim(0, max(counts) * 1.35 if max(counts) else 1)
-    for bar, c in zip(bars, counts):
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f"  {c:,} ({100 * c / total:.1f}%)",
+    for bar, c, s in zip(bars, counts, steps):
+        seconds = s.get("seconds", 0.0) + sum(t.get("seconds", 0.0) for t in _timing_before(funnel["steps"], s))
+        timing = f", {seconds:.1f} s" if s["step"] != "input" and s.get("enabled", True) else ""
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f"  {c:,} ({100 * c / total:.1f}%{timing})",
                 va="center", fontsize=9)
-    ax.set_xlabel("samples after the step")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.set_xlabel("samples after the step (share of the input, seconds of the step)")
     title = funnel.get("title") or "bunny curate: samples after each step"
     ax.set_title(title, fontsize=11)
     for side in ("top", "right"):

@@ -15,7 +15,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bunny.eval.runner import Dist, GenerateFn, ModelAnswerer, init_distributed, load_answerer, run_tasks
+from bunny.eval.runner import (
+    Dist,
+    GenerateFn,
+    ModelAnswerer,
+    fingerprint,
+    init_distributed,
+    load_answerer,
+    run_tasks,
+)
 from bunny.eval.tasks import PAPER_ORDER, TASKS, EvalDataError, Task, build_task
 
 ModelSpec = str | Path | tuple[Any, Any] | GenerateFn
@@ -64,7 +72,9 @@ def evaluate(model: ModelSpec, tasks: str | Sequence[str | Task], data: str | Pa
     """Answer, score and report; returns ``{task: scores}`` (the ``scores.json`` of each task).
 
     ``model``: a model folder (anything ``bunny.load_model`` reads), a loaded ``(model, processor)``
-    pair, or any ``generate(prompts, images, max_new_tokens) -> texts`` callable. Files go to
+    pair, or any ``generate(prompts, images, max_new_tokens) -> texts`` callable. ``model_id`` (default:
+    the folder name and a fingerprint of the weights) is written with every answer; a rerun into
+    ``out_dir`` resumes only with the same id. Files go to
     ``out_dir/<task>/{answers.jsonl, scores.json}`` and ``out_dir/report.md``, ``scores.png``;
     rerunning with the same arguments resumes. Under torchrun every rank calls this; rank 0 returns
     the scores, the other ranks an empty dict.
@@ -76,11 +86,12 @@ def evaluate(model: ModelSpec, tasks: str | Sequence[str | Task], data: str | Pa
             import torch
 
             device = f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"
-        generate: GenerateFn = load_answerer(model, device=device, dtype=dtype, template=template, model_id=model_id)
-        model_id = model_id or Path(model).name
+        answerer = load_answerer(model, device=device, dtype=dtype, template=template, model_id=model_id)
+        generate: GenerateFn = answerer
+        model_id = answerer.model_id
     elif isinstance(model, tuple):
-        generate = ModelAnswerer(model[0], model[1], template, model_id=model_id or "bunny")
-        model_id = model_id or "bunny"
+        model_id = model_id or f"bunny-{fingerprint(model[0])}"
+        generate = ModelAnswerer(model[0], model[1], template, model_id=model_id)
     elif callable(model):
         generate = model
         model_id = model_id or getattr(model, "model_id", "") or ""

@@ -67,6 +67,19 @@ class ModelAnswerer:
         return [r.text.strip() for r in self.generator.generate(reqs)]
 
 
+def fingerprint(model: Any) -> str:
+    """8 hex digits from the first values of every weight tensor: the default ``model_id``, so a
+    rerun into the same output folder resumes only with the same weights (stage 1 and stage 2 of
+    one run, or two folders both named ``final``, never mix their answers)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().flatten()[:16].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:8]
+
+
 def load_answerer(model_dir: str | Path, device: str | None = None, dtype: str | None = None,
                   template: str | None = None, model_id: str | None = None) -> ModelAnswerer:
     """``bunny.load_model`` + :class:`ModelAnswerer`. Default device: cuda when available; default
@@ -84,7 +97,8 @@ def load_answerer(model_dir: str | Path, device: str | None = None, dtype: str |
         raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(dtypes)}")
     model, processor = load_model(str(model_dir), dtype=dtypes[dtype], device=device)
     model.eval()
-    return ModelAnswerer(model, processor, template, model_id=model_id or Path(model_dir).name)
+    return ModelAnswerer(model, processor, template,
+                         model_id=model_id or f"{Path(model_dir).resolve().name}-{fingerprint(model)}")
 
 
 # ---- distributed helpers -----------------------------------------------------------------------------

@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
         except ImageError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a loading bar has no place in a chat transcript
     generator = load_for_inference(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
                                    trust_remote_code=args.trust_remote_code)
     session = ChatSession(generator, params=params)

@@ -16,22 +16,26 @@ import binascii
 import hmac
 import io
 import json
+import logging
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bunny.data.images import ImageError, load_image
 from bunny.infer.generate import IMAGE_PLACEHOLDER, GenerationRequest, Generator, SamplingParams
 from bunny.serve.batcher import DynamicBatcher, QueueFullError
+
+logger = logging.getLogger("bunny.serve")
 
 # MIME type -> the PIL format the bytes must really be (checked on the header, before decoding).
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP",
@@ -280,7 +284,17 @@ def create_app(batcher: DynamicBatcher, model_id: str, api_key: str | None = Non
     """The FastAPI application; ``batcher`` owns the model."""
     limits = limits or ServerLimits()
     generator: Generator = batcher.generator
-    app = FastAPI(title="bunny", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    # Parsing (JSON, base64, image decoding, tokenizing) is CPU work done off the event loop, in a
+    # few threads of its own: more would not parse faster on a small CPU, and every extra thread
+    # grows the process's memory by a malloc arena.
+    parsers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bunny-parse")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        parsers.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="bunny", version="1", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -293,7 +307,8 @@ def create_app(batcher: DynamicBatcher, model_id: str, api_key: str | None = Non
 
     @app.exception_handler(Exception)
     async def _crash(_: Request, exc: Exception) -> JSONResponse:
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+        logger.error("internal error", exc_info=exc)
+        return APIError(500, f"internal error ({type(exc).__name__}); see the server log").response()
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):  # noqa: ANN001, ANN202
@@ -340,7 +355,7 @@ def create_app(batcher: DynamicBatcher, model_id: str, api_key: str | None = Non
         if not request.headers.get("content-type", "").startswith("application/json"):
             raise APIError(400, "content-type must be application/json")
         raw = await _read_body(request, limits.max_body_bytes)
-        body, gen_request = await run_in_threadpool(prepare, raw)
+        body, gen_request = await asyncio.get_running_loop().run_in_executor(parsers, prepare, raw)
         stream = bool(body.get("stream", False))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
         try:

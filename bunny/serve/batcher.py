@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from bunny.infer.generate import GenerationRequest, GenerationResult, Generator
+
+logger = logging.getLogger("bunny.serve")
 
 
 class QueueFullError(RuntimeError):
@@ -157,6 +160,7 @@ class DynamicBatcher:
                     cancelled=lambda row, batch=batch: batch[row].cancelled,
                 )
             except Exception as exc:  # noqa: BLE001 - every waiting client must hear about it
+                logger.exception("a batch of %d request(s) failed", len(batch))
                 for j in batch:
                     j.push("error", exc)
                 continue

@@ -77,9 +77,9 @@ def build_page(generator: Generator, params: SamplingParams | None = None, max_i
         return [], None
 
     with gr.Blocks(title=TITLE) as page:
-        gr.Markdown(f"## {TITLE} · {generator.model_id}\nUpload an image (📎), then ask about it. "
+        gr.Markdown(f"## {TITLE} · {generator.model_id}\nAttach an image with the paperclip, then ask about it. "
                     "A new image starts a new conversation.")
-        chatbot = gr.Chatbot(height=420, elem_id="chat", label=generator.model_id, render_markdown=False,
+        chatbot = gr.Chatbot(height=480, elem_id="chat", label=generator.model_id, render_markdown=False,
                              sanitize_html=True)
         box = gr.MultimodalTextbox(file_types=["image"], file_count="single", elem_id="input", show_label=False,
                                    placeholder="Ask about the image…", sources=["upload"])

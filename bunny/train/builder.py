@@ -97,7 +97,8 @@ def tiny_tokenizer(cfg: TrainConfig, texts: list[str], main: bool, barrier) -> A
 def build_start_model(cfg: TrainConfig, texts_fn, main: bool = True, barrier=lambda: None
                       ) -> tuple[Any, Any, Path | None]:
     """``(model, processor, base_folder)``; ``base_folder`` is the folder the model was loaded from
-    unchanged (a LoRA run refers to it), or None when the start model exists only in memory."""
+    (a LoRA run refers to it; the run's own processor files carry a changed template or image mode),
+    or None when the start model exists only in memory."""
     from bunny.model.checkpoints import load_model
 
     base: Path | None = None
@@ -132,18 +133,23 @@ def build_start_model(cfg: TrainConfig, texts_fn, main: bool = True, barrier=lam
         for key in ("llm_family", "vision_encoder", "s2_scales"):
             if getattr(cfg, key) is not None:
                 kwargs[key] = getattr(cfg, key)
-        kwargs["vision_feature_layer"] = cfg.vision_feature_layer
-        kwargs["trust_remote_code"] = cfg.trust_remote_code
-        model, processor = assemble_model(cfg.vision_tower, cfg.language_model, **kwargs)
+        if cfg.stage == "finetune" and cfg.template:
+            kwargs["chat_template"] = cfg.template  # stage 1's plain is for training only
+        model, processor = assemble_model(
+            cfg.vision_tower, cfg.language_model, vision_feature_layer=cfg.vision_feature_layer,
+            trust_remote_code=cfg.trust_remote_code, seed=cfg.seed, **kwargs)  # seeded: resume rebuilds it
     if cfg.projector_from is not None and (cfg.tiny is not None or (cfg.vision_tower and cfg.language_model)):
         load_projector(model, Path(cfg.projector_from))
         base = None
     if cfg.attn_implementation:
         model.set_attn_implementation(cfg.attn_implementation)
+    if cfg.stage == "finetune" and cfg.template and model.config.chat_template != cfg.template:
+        # the fine-tuned model is prompted at inference with the template it was trained on
+        model.config.chat_template = cfg.template
+        processor.chat_template = cfg.template
     if cfg.stage == "finetune" and cfg.image_aspect_ratio and model.config.image_aspect_ratio != cfg.image_aspect_ratio:
         # the fine-tuned model is evaluated and served the way it was trained
         model.config.image_aspect_ratio = cfg.image_aspect_ratio
         processor.image_processor.image_aspect_ratio = cfg.image_aspect_ratio
-        base = None if cfg.tune == "lora" else base
     model.train()
     return model, processor, base

@@ -114,10 +114,9 @@ def run(args: argparse.Namespace) -> int:
             path = Path(m)
             lora = next((c for c in (path, path / "final") if (c / LORA_META).is_file()), None)
             if lora is not None:  # merge the LoRA into its base first
-                from bunny.model.checkpoints import save_model
-                from bunny.train.lora_io import load_lora_run
+                from bunny.model.checkpoints import load_model, save_model
 
-                model, processor = load_lora_run(lora, merge=True)
+                model, processor = load_model(lora)  # merged into its base
                 path = save_model(model, processor, Path(scratch) / f"merged-{k}")
                 del model
             elif not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():

@@ -35,11 +35,10 @@ def lora_folder(path: str | Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from bunny.model.checkpoints import save_model
-    from bunny.train.lora_io import load_lora_run
+    from bunny.model.checkpoints import load_model, save_model
 
     folder = lora_folder(args.model)
-    model, processor = load_lora_run(folder, merge=True)
+    model, processor = load_model(folder)  # a LoRA folder loads merged into its base
     if args.dtype:
         model.to(getattr(torch, args.dtype))
     out = save_model(model, processor, args.out)

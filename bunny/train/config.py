@@ -143,6 +143,9 @@ class TrainConfig:
     bf16: bool | Literal["auto"] = "auto"
     """bf16 autocast (weights stay fp32 for trainable parts). auto = on with CUDA, off on CPU."""
     gradient_checkpointing: bool = False
+    base_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of the frozen weights (half the memory in bfloat16); trained weights always stay float32
+    (master weights), so this needs bf16 autocast."""
     lora: LoraSection = field(default_factory=LoraSection)
     bits: Literal[4, 8, 16] = 16
     """QLoRA: 4 or 8-bit base LLM through bitsandbytes (CUDA only)."""
@@ -204,6 +207,8 @@ class TrainConfig:
             raise ValueError("bits 4/8 (QLoRA) needs tune: lora")
         if self.feature_cache is not None and (self.tune != "projector" or self.unfreeze_vision_tower):
             raise ValueError("feature_cache needs a frozen vision tower (stage 1, tune: projector)")
+        if self.base_dtype != "float32" and self.bf16 is False:
+            raise ValueError(f"base_dtype {self.base_dtype} needs bf16 autocast (bf16: true or auto)")
         if self.save_total_limit < 1:
             raise ValueError("save_total_limit must be at least 1")
         if isinstance(self.data_path, Path):

@@ -61,13 +61,11 @@ class LossModule(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.blank_images != "none" and pixel_values is None and image_features is None:
+            input_ids, labels, attention_mask, position_ids, pixel_values, image_features = self._with_blank_row(
+                input_ids, labels, attention_mask, position_ids)
         with torch.autocast(self.device_type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            blank = None
-            if self.blank_images != "none" and pixel_values is None and image_features is None:
-                # computed before the LLM, like real image features, so its gradients become ready last,
-                # in the same order as on processes whose micro-batch has images (ZeRO buckets by order)
-                blank = self._image_path_sum(input_ids.device)
             projected = None
             if image_features is not None:  # cached encoder outputs: only the projector runs
                 projected = self.model.mm_projector(image_features)
@@ -82,27 +80,53 @@ class LossModule(nn.Module):
                 supervised_logits_only=self.supervised_only,
                 num_items_in_batch=num_items,
             )
-            loss = out.loss
-            if blank is not None:
-                loss = loss + 0.0 * blank
-        return loss
+        return out.loss
 
-    def _image_path_sum(self, device: torch.device) -> torch.Tensor:
-        """A text-only micro-batch leaves the projector (and a trained vision tower) without gradients,
-        and under ZeRO-3/FSDP does not run the tower at all, while another process's micro-batch does:
-        DDP buckets, ZeRO partitions and parameter gathers then differ between processes (wrong sums
-        or a hang). Running one blank image through the image path, times zero, keeps every process
-        doing the same collectives and gives those weights exact zero gradients.
+    def _with_blank_row(self, input_ids, labels, attention_mask, position_ids):
+        """A text-only micro-batch skips the image path that another process's micro-batch runs: DDP
+        buckets, ZeRO partitions and ZeRO-3/FSDP parameter gathers then differ between processes
+        (wrong sums, or a hang). So under several processes such a batch gets one extra row: a blank
+        image's tokens, attending only to themselves, without labels. Every process then runs the
+        same modules in the same order; the loss and gradients are unchanged (the row has no
+        targets, and the loss denominator is fixed by the plan).
 
-        ``blank_images``: ``projector`` (frozen tower or cached features: only the projector) or
-        ``tower`` (the whole image path)."""
+        ``blank_images``: ``tower`` (pixels through the vision tower) or ``projector`` (cached or
+        frozen features: zeros straight into the projector)."""
         m = self.model
+        n_tok = int(m.config.num_image_tokens)
+        width = max(int(input_ids.shape[1]), n_tok)
+        dev = input_ids.device
+
+        def widen(t: torch.Tensor, fill: int) -> torch.Tensor:
+            if t.shape[1] == width:
+                return t
+            pad = torch.full((t.shape[0], width - t.shape[1]), fill, dtype=t.dtype, device=dev)
+            return torch.cat([t, pad], dim=1)
+
+        row = torch.full((1, width), int(m.config.image_token_id), dtype=input_ids.dtype, device=dev)
+        pad_id = int(input_ids[0, -1]) if attention_mask is None else 0
+        row[0, n_tok:] = pad_id
+        new_ids = torch.cat([widen(input_ids, pad_id), row])
+        new_labels = torch.cat([widen(labels, IGNORE), torch.full((1, width), IGNORE, dtype=labels.dtype, device=dev)])
+        if attention_mask is not None:
+            mask_row = torch.zeros((1, width), dtype=attention_mask.dtype, device=dev)
+            mask_row[0, :n_tok] = 1
+            attention_mask = torch.cat([widen(attention_mask, 0), mask_row])
+        if position_ids is not None:
+            if position_ids.shape[1] < width:  # extra padding of packed rows: a segment of its own
+                extra = torch.arange(width - position_ids.shape[1], device=dev).expand(position_ids.shape[0], -1)
+                position_ids = torch.cat([position_ids, extra], dim=1)
+            pos_row = torch.cat([torch.arange(n_tok, device=dev), torch.arange(width - n_tok, device=dev)])
+            position_ids = torch.cat([position_ids, pos_row.unsqueeze(0)])
         if self.blank_images == "tower":
             size = int(m.config.image_size)
-            return m.get_image_features(torch.zeros(1, 3, size, size, device=device)).float().sum()
+            return new_ids, new_labels, attention_mask, position_ids, torch.zeros(1, 3, size, size, device=dev), None
         dtype = next(m.mm_projector.parameters()).dtype
-        feats = torch.zeros(1, m.vision_tower.num_tokens, m.vision_tower.hidden_size, device=device, dtype=dtype)
-        return m.mm_projector(feats).float().sum()
+        feats = torch.zeros(1, m.vision_tower.num_tokens, m.vision_tower.hidden_size, device=dev, dtype=dtype)
+        return new_ids, new_labels, attention_mask, position_ids, None, feats
+
+
+IGNORE = -100
 
 
 def trainable_params(model: nn.Module) -> list[nn.Parameter]:
@@ -178,7 +202,8 @@ class LocalEngine:
         ckpt_io.load_optimizer(ckpt, self.model, self.optimizer, self.scheduler)
 
     def consolidate(self) -> None:
-        """Nothing to gather: the model holds its full weights on every process."""
+        """Nothing to gather: the model holds its full weights on every process (returns None; a
+        sharded engine returns the gathered state dict instead)."""
 
 
 def build_engine(model: nn.Module, loss_module: LossModule, cfg: TrainConfig, dist: DistInfo,

@@ -111,7 +111,7 @@ class DeepSpeedEngine:
         if path is None:
             raise RuntimeError(f"{ckpt}: no DeepSpeed checkpoint to resume from")
 
-    def consolidate(self) -> None:
+    def consolidate(self) -> None:  # noqa: D401
         """ZeRO-3 partitions every weight: gather them back into the model (on every process), so the
         final folder is written from full tensors. ZeRO-2 keeps full weights already."""
         if self.stage < 3:
@@ -124,3 +124,4 @@ class DeepSpeedEngine:
             full = [p.data.detach().clone() for p in params]
         for p, t in zip(params, full):
             p.data = t
+        return None

@@ -106,13 +106,16 @@ class FSDPEngine:
         state = self._state()
         dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
         set_state_dict(self.loss_module, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"], options=StateDictOptions(ignore_frozen_params=True))
+                       optim_state_dict=state["optim"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
         self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
 
-    def consolidate(self) -> None:
-        """Gather every sharded weight back into plain full tensors (on every process) for saving."""
-        from torch.distributed.fsdp import FSDPModule
+    def consolidate(self) -> dict[str, torch.Tensor] | None:
+        """The full weights, gathered from every process, as a CPU state dict on the main process
+        (keys as in the model). FSDP's own modules keep sharded storage, so the trainer loads these
+        into a freshly built model to save it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        for module in self.loss_module.modules():
-            if isinstance(module, FSDPModule):
-                module.unshard()
+        full = get_model_state_dict(self.loss_module, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+        return {k[len("model."):]: v for k, v in full.items()} if full else None

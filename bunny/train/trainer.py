@@ -176,6 +176,11 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
     elif lora and base_folder is None:
         base_folder = (out / "base").resolve()
     configure_trainable(model, cfg)
+    if cfg.base_dtype != "float32":  # frozen weights in half precision, trained ones float32
+        model.to(getattr(torch, cfg.base_dtype))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     if not cfg.unfreeze_vision_tower:
         model.vision_tower.eval()  # frozen: deterministic features (equal to the feature cache's)
     if cfg.distributed != "fsdp":
@@ -319,7 +324,14 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
 
     # ---- final ----------------------------------------------------------------------------------
     final = out / "final"
-    engine.consolidate()
+    gathered = engine.consolidate()
+    if gathered is not None and dist.is_main:  # sharded weights: load them into a fresh copy of the model
+        model, processor, _ = build_start_model(cfg, lambda: texts_of(samples), True, lambda: None)
+        configure_trainable(model, cfg)
+        missing, unexpected = model.load_state_dict(gathered, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"gathered weights do not fit the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
     if dist.is_main:
         _write_final(cfg, model, processor, final, base_folder, out)
         plot_loss(out)
@@ -347,9 +359,9 @@ def _write_final(cfg: TrainConfig, model: Any, processor: Any, final: Path, base
         assert base_folder is not None
         save_lora_run(model, processor, final, base_folder)
         if cfg.save_merged:
-            from bunny.train.lora_io import load_lora_run
+            from bunny.model.checkpoints import load_model
 
-            merged, proc = load_lora_run(final, merge=True)
+            merged, proc = load_model(final)  # a LoRA folder loads merged into its base
             save_model(merged, proc, out / "final_merged")
     else:
         save_model(model, processor, final)

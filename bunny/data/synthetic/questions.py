@@ -329,7 +329,7 @@ def yn_identity(scene, rng, want: bool):
     return QA(f"Is the object {where} {a(name)}?", _yn(want), "identity", (YES, NO))
 
 
-def _altered(scene: Scene, rng: np.random.Generator) -> Scene:
+def altered(scene: Scene, rng: np.random.Generator) -> Scene:
     """The scene with one fact changed (a color, a shape, or the background)."""
     objs = list(scene.objects)
     k = int(rng.integers(len(objs)))
@@ -348,7 +348,7 @@ def yn_caption(scene, rng, want: bool):
     """Does a whole caption describe the image (MME 'posters': recognise the whole picture)."""
     from bunny.data.synthetic.scenes import caption
 
-    s = scene if want else _altered(scene, rng)
+    s = scene if want else altered(scene, rng)
     return QA(f"Does the caption \"{caption(s, rng)}\" describe this image?", _yn(want), "caption_yn", (YES, NO))
 
 

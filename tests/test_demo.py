@@ -1,0 +1,77 @@
+"""`bunny demo --quick`: the whole recipe (synth -> backbones -> curate -> stage 1 -> stage 2 -> the eight
+benchmarks -> report) through the project's own entry points, with its accuracy criteria checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bunny.data.synthetic.bench import TASKS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_yaml_presets_are_the_built_in_ones():
+    from bunny.config import to_dict
+    from bunny.demo import DemoConfig, load_demo_config, quick_config
+
+    assert to_dict(load_demo_config(ROOT / "configs/demo/full.yaml", [], False)) == to_dict(DemoConfig())
+    assert to_dict(load_demo_config(ROOT / "configs/demo/quick.yaml", [], True)) == to_dict(quick_config())
+    cfg = load_demo_config(None, ["stage2.max_steps=7", "world.n_images=99"], quick=True)
+    assert cfg.stage2["max_steps"] == 7 and cfg.world.n_images == 99
+
+
+def test_bad_override_is_a_clear_error(capsys):
+    from bunny.cli import main
+
+    assert main(["demo", "--quick", "world.n_imagez=3"]) == 2
+    assert "n_imagez" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    cache = tmp_path_factory.mktemp("cache")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "bunny.cli", "demo", "--quick", "--out", str(out), "--cache",
+                           str(cache)], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    seconds = time.perf_counter() - t
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc, seconds
+
+
+def test_quick_demo_reaches_its_accuracy_targets(quick_demo):
+    out, proc, _ = quick_demo
+    summary = json.loads((out / "summary.json").read_text())
+    gains = {}
+    for task in TASKS:
+        s = summary[task]
+        assert set(s) == {"score", "chance", "max"}
+        gains[task] = (s["score"] - s["chance"]) / (s["max"] - s["chance"])
+        assert s["score"] > s["chance"], f"{task} at or below chance: {s}"
+    assert sum(gains.values()) / len(gains) >= 0.25, gains
+    assert set(summary["coreset"]) == set(summary["raw_pool"]) == set(TASKS)
+    assert summary["coreset"] == {t: summary[t] for t in TASKS}
+
+
+def test_quick_demo_report_and_progress(quick_demo):
+    out, proc, seconds = quick_demo
+    report = out / "report.md"
+    assert f"report: {report}" in proc.stdout.strip().splitlines()[-1]
+    text = report.read_text()
+    for png in ("funnel.png", "losses.png", "benchmarks.png"):
+        assert (out / png).stat().st_size > 5000 and f"({png})" in text
+    for phase in ("synth", "backbones", "curate", "stage 1 (coreset)", "stage 2 (raw_pool)", "eval (raw_pool)"):
+        assert f"{phase} done in" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    cur = summary["curation"]
+    assert cur["defect_rate_coreset"] < cur["defect_rate_pool"]  # curation removed injected defects
+    assert summary["peak_rss_mb"] < 4096
+    print(f"quick demo: {seconds:.0f} s wall, phases {summary['seconds']}, mean gain {summary['gain']}")
