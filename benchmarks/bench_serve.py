@@ -8,10 +8,10 @@ tokenizer), then starts `bunny serve` twice on 127.0.0.1: with `--max-batch 1` (
 baseline) and with dynamic batching (`--max-batch`, `--max-wait-ms`). Each time N closed-loop clients
 (64 by default) send chat completions with an image and count failures, latency (p50/p99) and
 completion tokens/s. The ratio batched / unbatched tokens/s is the figure (target >= 3x on a
-2-core CPU). Then the batching server answers `--memory-requests` more requests while its resident
-memory (VmRSS) is sampled: it must stay flat. Everything is bounded: requests per phase, and a
-wall-clock limit per phase (`--phase-timeout`), after which the phase is reported as incomplete.
-Nothing leaves 127.0.0.1.
+2-core CPU). Then the batching server answers `--memory-requests` more requests in 10 rounds, and
+its resident memory (VmRSS) is read while idle after each round: it must stay flat. Everything is
+bounded: requests per phase, and a wall-clock limit per phase (`--phase-timeout`), after which the
+phase is reported as incomplete. Nothing leaves 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -117,8 +117,7 @@ class Server:
             self.proc.kill()
 
 
-async def load(base: str, model_id: str, clients: int, total: int, max_tokens: int, timeout: float,
-               on_done=None) -> dict:
+async def load(base: str, model_id: str, clients: int, total: int, max_tokens: int, timeout: float) -> dict:
     """``clients`` closed-loop clients share ``total`` requests; stops early at ``timeout`` seconds."""
     uri = image_uri()
     body = {"model": model_id, "temperature": 0, "max_tokens": max_tokens,
@@ -143,8 +142,6 @@ async def load(base: str, model_id: str, clients: int, total: int, max_tokens: i
                     continue
                 tokens += resp.json()["usage"]["completion_tokens"]
                 latencies.append(time.perf_counter() - t0)
-                if on_done is not None:
-                    on_done(len(latencies))
             except httpx.HTTPError as exc:
                 failures.append(repr(exc))
 
@@ -172,27 +169,30 @@ def phase(model: Path, extra: list[str], args, log: Path, memory: bool = False) 
                                args.phase_timeout))
         out["server_stats"] = httpx.get(server.base + "/health", timeout=10).json()
         if memory:
-            # Idle RSS after the load phase (warm: every batch size has run), RSS samples while 1,000
-            # more requests run, idle RSS after them. Flat = the idle figures agree: in-flight samples
-            # swing with the batch working set (KV caches, activations) and come back down.
-            idle_before = rss_mb(server.proc.pid)
-            samples: list[tuple[int, float]] = []
-            every = max(1, args.memory_requests // 20)
-
-            def sample(done: int) -> None:
-                if done % every == 0:
-                    samples.append((done, rss_mb(server.proc.pid)))
-
-            mem = asyncio.run(load(server.base, model_id, args.clients, args.memory_requests, args.memory_tokens,
-                                   args.phase_timeout * 3, on_done=sample))
-            time.sleep(1.0)
-            idle_after = rss_mb(server.proc.pid)
-            mem.update(rss_slope_mb_per_1000=round(slope_per_1000(samples), 1),
-                       rss_idle_before_mb=round(idle_before, 1), rss_idle_after_mb=round(idle_after, 1),
-                       rss_peak_mb=round(max([mb for _, mb in samples] + [idle_after]), 1),
-                       rss_samples_mb=[(n, round(mb, 1)) for n, mb in samples],
-                       rss_growth_mb=round(idle_after - idle_before, 1))
-            out["memory"] = mem
+            # RSS is sampled with the server idle, after each of 10 rounds of requests: in-flight
+            # samples swing by tens of MB with the batch working set (activations, KV caches, freed
+            # and re-mapped by malloc), which hides the trend a leak would show.
+            rounds = 10
+            per_round = max(1, args.memory_requests // rounds)
+            samples: list[tuple[int, float]] = [(0, rss_mb(server.proc.pid))]
+            done, failures, tokens, wall, lat = 0, 0, 0, 0.0, []
+            for _ in range(rounds):
+                r = asyncio.run(load(server.base, model_id, args.clients, per_round, args.memory_tokens,
+                                     args.phase_timeout))
+                done += r["requests"]
+                failures += r["failures"]
+                tokens += r["completion_tokens"]
+                wall += r["wall_s"]
+                lat.append(r["p50_s"])
+                time.sleep(0.5)
+                samples.append((done, rss_mb(server.proc.pid)))
+            out["memory"] = {
+                "requests": done, "failures": failures, "complete": done + failures >= per_round * rounds,
+                "tokens_per_s": tokens / wall if wall else float("nan"),
+                "rss_idle_samples_mb": [(n, round(mb, 1)) for n, mb in samples],
+                "rss_growth_mb": round(samples[-1][1] - samples[1][1], 1),  # after the first round
+                "rss_slope_mb_per_1000": round(slope_per_1000(samples[1:]), 1),
+            }
         return out
     finally:
         server.stop()
@@ -239,11 +239,9 @@ def main() -> int:
         print(f"| {name} | {r['requests']} | {r['failures']} | {r['p50_s']:.2f} s | {r['p99_s']:.2f} s | "
               f"{r['tokens_per_s']:.1f} | {per_batch:.1f} |")
     print(f"\ntokens/s ratio, batching / none: {ratio:.2f}x (target >= 3x)")
-    print(f"memory over {mem['requests']} requests ({mem['failures']} failed, {args.memory_tokens} tokens each): "
-          f"idle RSS {mem['rss_idle_before_mb']} MB before, {mem['rss_idle_after_mb']} MB after "
-          f"(growth {mem['rss_growth_mb']} MB), peak {mem['rss_peak_mb']} MB, trend of the in-flight samples "
-          f"{mem['rss_slope_mb_per_1000']} MB per 1,000 requests; samples (request, MB): "
-          f"{mem['rss_samples_mb']}")
+    print(f"memory over {mem['requests']} requests in 10 rounds ({mem['failures']} failed, {args.memory_tokens} "
+          f"tokens each): idle RSS after each round (requests, MB) {mem['rss_idle_samples_mb']}; growth after the "
+          f"first round {mem['rss_growth_mb']} MB, trend {mem['rss_slope_mb_per_1000']} MB per 1,000 requests")
     if args.json:
         Path(args.json).write_text(json.dumps({"unbatched": base, "batched": dyn, "ratio": ratio}, indent=2))
     failed = base["failures"] + dyn["failures"] + mem["failures"]

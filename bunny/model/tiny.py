@@ -86,9 +86,12 @@ def tiny_model(
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     if image_token_id is None or image_token_id == tokenizer.unk_token_id:
         raise ValueError("the tokenizer has no <image> token; add it as a special token first")
+    text_overrides = dict(text_overrides or {})
+    # a larger vocabulary than the tokenizer's may be asked for (benchmarks: the lm_head cost of a 32k vocab)
+    vocab_size = max(int(text_overrides.pop("vocab_size", 0)), round_vocab(len(tokenizer)))
     text_config = tiny_text_config(
-        family, vocab_size=round_vocab(len(tokenizer)), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **(text_overrides or {}))
+        family, vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **text_overrides)
     config = BunnyConfig(
         vision_config=tiny_vision_config(vision, **(vision_overrides or {})),
         text_config=text_config,

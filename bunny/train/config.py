@@ -68,25 +68,29 @@ class TrainConfig:
     tune: Literal["projector", "lora", "full"] | None = None
     """What trains in the LLM: projector only (default for pretrain), lora (default for finetune), full."""
     output_dir: Path = Path("runs/train")
+    """Run folder: metrics.jsonl, loss.png, checkpoints/, final/ (the model), mm_projector.safetensors."""
 
     # ---- the model -----------------------------------------------------------------------------
     model_name_or_path: Path | None = None
     """Start from a complete bunny model folder (overrides vision_tower/language_model)."""
     vision_tower: str | None = None
-    """Vision encoder checkpoint: a local folder or a hub id (google/siglip-so400m-patch14-384)."""
+    """Vision encoder checkpoint folder on disk (e.g. a download of google/siglip-so400m-patch14-384)."""
     vision_encoder: str | None = None
-    """Registry name of the encoder family (siglip, clip, eva_clip); inferred from the checkpoint if null."""
+    """Registry name of the encoder family (siglip, clip, eva_clip); null = read from the checkpoint."""
     language_model: str | None = None
-    """LLM checkpoint: a local folder or a hub id (microsoft/phi-2)."""
+    """LLM checkpoint folder on disk, with its tokenizer (e.g. a download of microsoft/phi-2)."""
     llm_family: str | None = None
-    """Registry name of the LLM family (phi2, phi3, llama3, qwen2, ...); inferred if null."""
+    """Registry name of the LLM family (phi-1.5, phi-2, phi-3, stablelm-2, qwen1.5, qwen2, minicpm, llama-3,
+    generic); null = from the checkpoint's model_type."""
     tiny: TinyBackbones | None = None
     """Random tiny backbones instead of vision_tower/language_model (see TinyBackbones)."""
     projector_type: str = "mlp2x_gelu"
+    """linear, mlp{N}x_gelu, identity, avgpool2x2_<projector> (a new projector; ignored for a loaded model)."""
     projector_from: Path | None = None
     """Stage-1 output_dir (or its final/ folder, or an mm_projector.safetensors file): the projector to
     start from. When no backbones are named, the stage-1 model folder is the whole starting point."""
     vision_feature_layer: int = -2
+    """Encoder hidden state the features come from (-2: second-to-last block, as Bunny)."""
     s2_scales: list[int] | None = None
     """S^2 multi-scale (v1.1 models): e.g. [384, 768, 1152]."""
     image_aspect_ratio: Literal["pad", "square"] | None = None
@@ -96,13 +100,17 @@ class TrainConfig:
     attn_implementation: str | None = None
     """sdpa (default), eager, flash_attention_2."""
     trust_remote_code: bool = False
+    """Allow an LLM folder's own Python code (generic family only); off unless you trust the folder."""
 
     # ---- data ----------------------------------------------------------------------------------
     data_path: list[Path] | Path | None = None
     """LLaVA JSON list or JSONL file(s)."""
     image_folder: Path | None = None
+    """Folder the samples' image paths are relative to."""
     model_max_length: int = 2048
+    """Longest sample in tokens, image tokens included (longer samples are validation errors)."""
     on_bad_sample: Literal["error", "skip"] = "error"
+    """error: stop before training and list every problem; skip: train without the bad samples (each logged)."""
     image_check: Literal["decode", "open", "exists", "none"] = "decode"
     """How validation checks images before training: decode fully (catches truncated files), open the
     header only (fast on millions of images), check existence, or nothing."""
@@ -111,20 +119,25 @@ class TrainConfig:
     group_by_length: bool = True
     """Samples of similar length share micro-batches (sorted inside windows of length_group_window global batches)."""
     length_group_window: int = 16
+    """Global batches per length-sorting window (larger: less padding, less randomness in batch make-up)."""
     packing: bool = False
     """Padding-free packing of each micro-batch into rows of at most model_max_length tokens
     (attention kept inside each sample)."""
     dataloader_num_workers: int = 0
+    """Processes decoding images and tokenizing in parallel with training."""
     max_samples: int | None = None
     """Use only the first N samples (quick runs)."""
 
     # ---- optimisation --------------------------------------------------------------------------
     learning_rate: float = 2e-4
+    """Peak lr of the LLM's trained weights (LoRA or full), and of the projector in stage 1."""
     mm_projector_lr: float | None = None
     """Projector lr when the LLM also trains (stage 2); null = learning_rate."""
     vision_tower_lr: float | None = None
+    """lr of the vision tower when unfreeze_vision_tower; null = learning_rate."""
     unfreeze_vision_tower: bool = False
     weight_decay: float = 0.0
+    """AdamW weight decay of matrices (biases and norms are exempt)."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -132,21 +145,27 @@ class TrainConfig:
     max_steps: int = -1
     """Optimizer steps to run; -1 = num_train_epochs over the data."""
     per_device_train_batch_size: int = 16
+    """Samples per micro-batch on each process."""
     gradient_accumulation_steps: int | None = None
     global_batch_size: int | None = None
     """Samples per optimizer step over all processes; sets gradient_accumulation_steps from the world
     size (so 1 process and 8 processes train the same recipe). Give one of the two."""
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = 0.03
+    """Linear warmup over ceil(ratio x total steps) steps."""
     warmup_steps: int | None = None
+    """Warmup steps (overrides warmup_ratio)."""
     max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 = off)."""
     bf16: bool | Literal["auto"] = "auto"
     """bf16 autocast (weights stay fp32 for trainable parts). auto = on with CUDA, off on CPU."""
     gradient_checkpointing: bool = False
+    """Activation checkpointing of the LLM's (and a trained vision tower's) blocks."""
     base_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the frozen weights (half the memory in bfloat16); trained weights always stay float32
     (master weights), so this needs bf16 autocast."""
     lora: LoraSection = field(default_factory=LoraSection)
+    """LoRA settings (tune: lora): lora.r, lora.alpha, lora.dropout, lora.targets, lora.bias."""
     bits: Literal[4, 8, 16] = 16
     """QLoRA: 4 or 8-bit base LLM through bitsandbytes (CUDA only)."""
     feature_cache: Path | None = None
@@ -155,6 +174,7 @@ class TrainConfig:
     loss_on_supervised_only: bool = True
     """Apply lm_head only at positions that carry a label (same loss, far less memory/compute)."""
     seed: int = 42
+    """Seeds the data order, dropout and any new weights (projector, LoRA)."""
 
     # ---- scale-out -----------------------------------------------------------------------------
     distributed: Literal["auto", "none", "ddp", "deepspeed", "fsdp"] = "auto"
@@ -169,9 +189,11 @@ class TrainConfig:
 
     # ---- logging and checkpoints ---------------------------------------------------------------
     logging_steps: int = 1
+    """Optimizer steps per metrics.jsonl line (loss and rates averaged over them)."""
     save_steps: int = 500
     """Checkpoint every N optimizer steps (0 = only at the end)."""
     save_total_limit: int = 2
+    """Checkpoints kept (the newest)."""
     resume: bool | Literal["auto"] | Path = False
     """true/auto = resume from the newest checkpoint in output_dir (auto: if one exists); or a path."""
     report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])

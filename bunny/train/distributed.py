@@ -21,6 +21,8 @@ class DistInfo:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str | None = None
+    owns_group: bool = False
+    """Whether setup() created the process group (then teardown() destroys it; a caller's is left alone)."""
 
     @property
     def is_main(self) -> bool:
@@ -80,6 +82,7 @@ def setup(device: str | None = None, need_group: bool = False) -> DistInfo:
     else:
         dev = torch.device("cpu")
     backend = None
+    owns = False
     if need_group and world == 1 and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -90,13 +93,16 @@ def setup(device: str | None = None, need_group: bool = False) -> DistInfo:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         dist.init_process_group(backend=backend, device_id=dev if use_cuda else None)
+        owns = True
     elif dist.is_initialized():
         backend = dist.get_backend()
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, backend=backend)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, backend=backend, owns_group=owns)
 
 
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def teardown(info: DistInfo, barrier: bool = True) -> None:
+    """Destroy the group setup() made (after a barrier, unless a process failed: it would never come)."""
+    if info.owns_group and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()

@@ -102,14 +102,40 @@ def configure_trainable(model: nn.Module, cfg: TrainConfig) -> None:
         model.language_model.requires_grad_(True)
     elif cfg.tune == "lora":
         if cfg.bits in (4, 8):
+            quantize_llm(model, cfg.bits)
             prepare_kbit(model)
         apply_lora(model, cfg)  # peft leaves only the adapters trainable inside the LLM
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg)
 
 
+def quantize_llm(model: nn.Module, bits: int) -> None:
+    """QLoRA: every Linear of the LLM except its output layer becomes a bitsandbytes 4-bit (NF4, bf16
+    compute) or 8-bit layer, quantised on the GPU. CUDA only (checked before the model is built)."""
+    import bitsandbytes as bnb
+
+    llm = model.language_model
+    out_layer = llm.get_output_embeddings()
+    device = torch.device("cuda", torch.cuda.current_device())
+    for module in list(llm.modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, nn.Linear) or child is out_layer:
+                continue
+            has_bias = child.bias is not None
+            if bits == 4:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=has_bias,
+                                      compute_dtype=torch.bfloat16, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+            else:
+                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=has_bias, has_fp16_weights=False)
+                q.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
+            if has_bias:
+                q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            setattr(module, child_name, q.to(device))  # moving to the GPU quantises the weight
+
+
 def prepare_kbit(model: nn.Module) -> None:
-    """QLoRA: the quantised base LLM (loaded 4/8-bit by the model builder) gets peft's k-bit prep."""
+    """QLoRA: the quantised base LLM gets peft's k-bit preparation (norms in float32, input grads)."""
     from peft import prepare_model_for_kbit_training
 
     model.language_model = prepare_model_for_kbit_training(model.language_model, use_gradient_checkpointing=False)

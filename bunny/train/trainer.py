@@ -130,9 +130,12 @@ def run(cfg: TrainConfig) -> Path | None:
     ``stop_after_steps``). Under ``torchrun`` every process calls this."""
     dist = setup(cfg.device, need_group=cfg.distributed in ("deepspeed", "fsdp"))
     try:
-        return _run(cfg, dist)
-    finally:
-        teardown()
+        final = _run(cfg, dist)
+    except BaseException:
+        teardown(dist, barrier=False)
+        raise
+    teardown(dist)
+    return final
 
 
 def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
@@ -257,7 +260,7 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
 
     # ---- the loop -------------------------------------------------------------------------------
     step = start_step
-    window_t, window_samples, window_tokens = time.time(), 0, 0
+    window_t, window_cpu, window_samples, window_tokens = time.time(), time.process_time(), 0, 0
     loss_acc = torch.zeros((), dtype=torch.float64, device=device)
     logged_steps = 0
     stopped = False
@@ -296,6 +299,8 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
                     "grad_norm": float(grad_norm),
                     "samples_per_s": samples_all / elapsed,
                     "tokens_per_s": tokens_all / elapsed,
+                    "step_s": elapsed / logged_steps,
+                    "cpu_s": (time.process_time() - window_cpu) / logged_steps,  # this process's CPU time per step
                     **{f"lr/{k}": v for k, v in lrs.items()},
                 }
                 if metrics is not None:
@@ -305,7 +310,7 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
                                     samples_s=f"{record['samples_per_s']:.1f}", refresh=False)
                 loss_acc.zero_()
                 logged_steps = 0
-                window_t, window_samples, window_tokens = time.time(), 0, 0
+                window_t, window_cpu, window_samples, window_tokens = time.time(), time.process_time(), 0, 0
             if bar is not None:
                 bar.update(1)
             if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < total_steps:
