@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from bunny.data.images import ImageError, load_image
     from bunny.infer.chat import ChatSession
     from bunny.infer.generate import SamplingParams
-    from bunny.infer.loading import load_for_inference
+    from bunny.infer.loading import load_from_args
 
     try:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -60,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a loading bar has no place in a chat transcript
-    generator = load_for_inference(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                                   trust_remote_code=args.trust_remote_code)
+    generator = load_from_args(args)
     session = ChatSession(generator, params=params)
     if image is not None:
         session.set_image(image)

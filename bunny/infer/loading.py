@@ -100,3 +100,18 @@ def load_for_inference(path: str, dtype: str | None = None, device: str | None =
             model = quantize_int8_dynamic(model)
     model.eval()
     return Generator(model, processor, model_id=model_id)
+
+
+def load_from_args(args: Any, model_id: str | None = None) -> Generator:
+    """The CLI verbs' loader (``--model --dtype --device --quantize --trust-remote-code``): a bad
+    folder or option is one ``error:`` line and exit status 2, not a traceback."""
+    import sys
+    from pathlib import Path
+
+    try:
+        return load_for_inference(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                                  trust_remote_code=args.trust_remote_code,
+                                  model_id=model_id or Path(args.model).resolve().name)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc

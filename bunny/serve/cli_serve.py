@@ -47,11 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     import uvicorn
 
-    from bunny.infer.loading import load_for_inference
+    from bunny.infer.loading import load_from_args
     from bunny.serve.app import ServerLimits, create_app
     from bunny.serve.batcher import DynamicBatcher
 
@@ -62,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
-    generator = load_for_inference(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                                   trust_remote_code=args.trust_remote_code,
-                                   model_id=args.model_id or Path(args.model).resolve().name)
+    generator = load_from_args(args, model_id=args.model_id)
     batcher = DynamicBatcher(generator, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000,
                              max_queue=args.max_queue)
     limits = ServerLimits(

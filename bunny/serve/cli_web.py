@@ -29,10 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from bunny.infer.generate import SamplingParams
-    from bunny.infer.loading import load_for_inference
+    from bunny.infer.loading import load_from_args
     from bunny.serve.web import build_page
 
     try:
@@ -41,9 +40,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    generator = load_for_inference(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                                   trust_remote_code=args.trust_remote_code,
-                                   model_id=Path(args.model).resolve().name)
+    generator = load_from_args(args)
     page = build_page(generator, params, max_image_pixels=args.max_image_pixels)
     page.queue(default_concurrency_limit=4).launch(
         server_name=args.host, server_port=args.port, share=False, show_error=True, inbrowser=False,

@@ -21,7 +21,9 @@ import sys
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="the training YAML (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. learning_rate=1e-3")
+    # REMAINDER so that --resume may also come after the overrides (handled in run)
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
+                   help="config overrides, e.g. learning_rate=1e-3")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in output_dir (same as resume=true)")
 
@@ -29,8 +31,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from bunny.train.config import ConfigError, load_train_config
 
-    overrides = list(args.overrides)
-    if args.resume:
+    overrides = [o for o in args.overrides if o != "--resume"]
+    unknown = [o for o in overrides if o.startswith("-")]
+    if unknown:
+        print(f"bunny train: unknown option(s) {' '.join(unknown)}; overrides are key=value", file=sys.stderr)
+        return 2
+    if args.resume or "--resume" in args.overrides:
         overrides.append("resume=true")
     try:
         cfg = load_train_config(args.config, overrides)

@@ -19,7 +19,6 @@ divide by. This is what makes a 2-process run equal a 1-process run with the sam
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +224,3 @@ def build_engine(model: nn.Module, loss_module: LossModule, cfg: TrainConfig, di
         return FSDPEngine(model, loss_module, cfg, dist, total_steps, warmup)
     raise ValueError(f"unknown distributed mode {kind!r}")
 
-
-def read_json(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

@@ -84,7 +84,9 @@ class FeatureCache:
         self.covers = covers or {}
         self._index: dict[str, list[int]] | None = None
         self._shards: dict[int, np.ndarray] = {}
-        self.dtype = _TORCH_DTYPES[self.covers.get("dtype", "float32")] if covers else None
+        # the dtype the features were *stored* in (meta.json), which can differ from the autocast dtype the
+        # fingerprint covers (an encoder may end in a float32 op under bf16 autocast); read on first use
+        self.dtype: torch.dtype | None = None
 
     # -- reading ---------------------------------------------------------------------------------
     @property

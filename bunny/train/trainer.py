@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -372,4 +371,3 @@ def _write_final(cfg: TrainConfig, model: Any, processor: Any, final: Path, base
         save_model(model, processor, final)
     proj = {k: v.detach().cpu().contiguous() for k, v in model.mm_projector.state_dict().items()}
     save_file(proj, str(out / PROJECTOR_FILE), metadata={"format": "pt"})
-    os.makedirs(out, exist_ok=True)
