@@ -60,6 +60,7 @@ class VisionSettings:
     weight_decay: float = 0.05
     aux_weight: float = 1.0
     hard_negative_share: float = 0.5  # batch share that are copies of other scenes with one fact changed
+    augment: bool = True  # brightness and 1 px shifts, so a re-encoded copy embeds like its original
     logit_scale_init: float = math.log(10.0)
     logit_bias_init: float = -10.0
     seed: int = 0
@@ -151,11 +152,14 @@ def batch(tok, rng: np.random.Generator, s: VisionSettings):
     n_hard = int(s.batch_size * s.hard_negative_share / 2)
     scenes = [sample_scene(rng, s.grid) for _ in range(s.batch_size - n_hard)]
     scenes += [altered(scenes[i], rng) for i in range(n_hard)]
-    mean = std = np.float32(0.5)
-    pixels = np.stack([
-        ((np.asarray(render(sc, s.image_size, rng), dtype=np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)
-        for sc in scenes
-    ])
+    arrays = []
+    for sc in scenes:
+        a = np.asarray(render(sc, s.image_size, rng), dtype=np.float32) / 255.0
+        if s.augment:  # what a crawler's copy of an image looks like (pool.near_duplicate)
+            a = np.roll(a, tuple(int(v) for v in rng.integers(-1, 2, size=2)), axis=(0, 1))
+            a = np.clip(a * rng.uniform(0.95, 1.05), 0.0, 1.0)
+        arrays.append(((a - 0.5) / 0.5).transpose(2, 0, 1))
+    pixels = np.stack(arrays).astype(np.float32)
     caps = [caption(sc, rng) for sc in scenes]
     ids = tok(caps, padding="max_length", truncation=True, max_length=s.text_max_positions,
               return_tensors="pt")["input_ids"]
@@ -196,7 +200,7 @@ def evaluate(model, heads, tok, s: VisionSettings, n: int = 256) -> dict[str, fl
 
     model.eval()
     rng = np.random.default_rng(s.seed + 1_000_003)
-    ev = VisionSettings(**{**asdict(s), "batch_size": n, "hard_negative_share": 0.0})
+    ev = VisionSettings(**{**asdict(s), "batch_size": n, "hard_negative_share": 0.0, "augment": False})
     pixels, ids, tgt, _ = batch(tok, rng, ev)
 
     def embed_images(px):
