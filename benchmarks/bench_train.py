@@ -1,6 +1,6 @@
 """Training throughput: bunny's trainer vs transformers' LlavaForConditionalGeneration + a plain padded loop.
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 4] [--warmup 1] [--out /tmp/bench-train]
+    .venv/bin/python benchmarks/bench_train.py [--sweep-steps 3] [--out /tmp/bench-train]
 
 One run, same small config and data for every variant (the issue's): SigLIP 6 layers / 384 wide at
 224 px, patch 16 (196 image tokens); Qwen2 8 layers / 768 wide, 12 heads, 4 KV heads, vocab 32k;
@@ -13,7 +13,9 @@ batch 8; bf16 autocast; text lengths lognormal (median ~60 tokens), 10% text-onl
   grouping, logits only at supervised positions), packing switched on, and for stage 1 the feature cache.
 - a 4-run stage-1 sweep (4 learning rates), with and without the feature cache, timed end to end.
 
-Each variant runs in its own process (peak memory = its max RSS) with one torch thread. Throughput is
+Each variant trains one full epoch over the same 96 samples (so length grouping, which changes which
+samples share a batch, is compared on the same work) in its own process (peak memory = its max RSS)
+with one torch thread. Throughput is
 reported as samples per second of *process CPU time* (the machine is shared, wall time varies 2x between
 identical runs; with one thread CPU time is the idle-machine wall time) and as wall samples/s. MFU: the
 useful FLOPs of a sample (counted with torch's FlopCounterMode on bunny's packed, supervised-logits step:
@@ -42,7 +44,7 @@ VISION = dict(image_size=224, patch_size=16, hidden_size=384, intermediate_size=
 TEXT = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
 BATCH = 8
-N_SAMPLES = 160
+N_SAMPLES = 96  # 12 steps of batch 8: one epoch per variant
 WORDS = ("the a red blue green cat dog sits on mat image shows car tree house what is in this picture left right "
          "of and with small large circle square there are two three objects near far top bottom colour shape").split()
 
@@ -296,8 +298,6 @@ def run_worker(spec: dict, out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per variant")
-    p.add_argument("--warmup", type=int, default=1, help="untimed first steps per variant")
     p.add_argument("--sweep-steps", type=int, default=3, help="steps of each of the 4 sweep runs")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench-train")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -310,7 +310,7 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     paths = make_data(args.out / "data")
-    common = {"paths": paths, "steps": args.steps, "warmup": args.warmup}
+    common = {"paths": paths, "steps": N_SAMPLES // BATCH, "warmup": 0}  # one epoch, every step timed
     peak = spawn(args, "bf16 peak", {"kind": "peak", "paths": paths})["bf16_flops"]
     flops = {st: spawn(args, f"flops {st}", {"kind": "flops", "paths": paths, "stage": st})
              for st in ("finetune", "pretrain")}

@@ -26,12 +26,16 @@ def defect_funnel(curate_dir: Path, world) -> dict[str, Any]:
     truth = pd.read_parquet(world.defects_parquet)[["id", "defect"]]
     dropped = pd.read_parquet(Path(curate_dir) / "dropped.parquet")[["key", "step"]].rename(columns={"key": "id"})
     funnel = json.loads((Path(curate_dir) / "funnel.json").read_text())
-    steps = [s["step"] for s in funnel["steps"] if s["step"] not in ("input", "kmeans", "cluster")]
+    # steps that ran and could drop something (a disabled filter or band is left out of the table)
+    steps = [s["step"] for s in funnel["steps"]
+             if s["step"] not in ("input", "kmeans", "cluster") and s.get("enabled", True)]
     merged = truth.merge(dropped, on="id", how="left")
     remaining = {d: int((truth["defect"] == d).sum()) for d in DEFECT_NAMES}
     rows = [{"step": "input", "removed": {d: 0 for d in DEFECT_NAMES}, "remaining": dict(remaining)}]
     for step in steps:
         removed = {d: int(((merged["step"] == step) & (merged["defect"] == d)).sum()) for d in DEFECT_NAMES}
+        if step == "embed" and not any(removed.values()):
+            continue  # every image decoded: nothing to show
         remaining = {d: remaining[d] - removed[d] for d in DEFECT_NAMES}
         rows.append({"step": step, "removed": removed, "remaining": dict(remaining)})
     final = rows[-1]["remaining"]

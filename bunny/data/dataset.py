@@ -247,7 +247,7 @@ class Collator:
     """A list of dataset items -> model inputs.
 
     Padded: rows right-padded to the longest, ``attention_mask`` marks real tokens. Packed: the
-    samples are placed one after the other into rows of at most ``pack_length`` tokens (first fit,
+    samples are placed one after the other into rows of at most ``pack_length`` tokens (next fit,
     in order), ``position_ids`` restart at 0 for each sample, and no attention mask is returned, so
     attention stays inside each sample; rows are right-padded to the longest row (the padding forms
     its own segment and carries no label). In both cases the label of each sample's first token is
@@ -288,7 +288,7 @@ class Collator:
 
     def _packed(self, seqs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
         cap = self.pack_length or sum(len(ids) for ids, _ in seqs)
-        rows: list[list[int]] = []  # sample indices per row, first fit in order (images stay in order)
+        rows: list[list[int]] = []  # sample indices per row, next fit in order (images stay in order)
         used: list[int] = []
         for k, (ids, _) in enumerate(seqs):
             if len(ids) > cap:

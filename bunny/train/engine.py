@@ -146,7 +146,7 @@ class LocalEngine:
     kind = "local"
 
     def __init__(self, model: nn.Module, loss_module: LossModule, cfg: TrainConfig, dist: DistInfo,
-                 total_steps: int, warmup: int, find_unused: bool) -> None:
+                 total_steps: int, warmup: int) -> None:
         self.model = model
         self.cfg = cfg
         self.dist = dist
@@ -159,8 +159,9 @@ class LocalEngine:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-            self.forward_module: nn.Module = DDP(loss_module, device_ids=device_ids,
-                                                 find_unused_parameters=find_unused and loss_module.blank_images == "none")
+            # every trained weight gets a gradient in every micro-batch (text-only ones get a blank image
+            # row, see LossModule), so DDP needs no unused-parameter search
+            self.forward_module: nn.Module = DDP(loss_module, device_ids=device_ids, find_unused_parameters=False)
         else:
             self.forward_module = loss_module
         self.loss_scale = float(dist.world_size)
@@ -206,14 +207,14 @@ class LocalEngine:
 
 
 def build_engine(model: nn.Module, loss_module: LossModule, cfg: TrainConfig, dist: DistInfo,
-                 total_steps: int, warmup: int, accum: int, find_unused: bool):
+                 total_steps: int, warmup: int, accum: int):
     kind = cfg.distributed
     if kind == "auto":
         kind = "ddp" if dist.world_size > 1 else "none"
     if kind in ("none", "ddp"):
         if kind == "none" and dist.world_size > 1:
             raise ValueError("distributed: none, but launched with several processes (torchrun)")
-        return LocalEngine(model, loss_module, cfg, dist, total_steps, warmup, find_unused)
+        return LocalEngine(model, loss_module, cfg, dist, total_steps, warmup)
     if kind == "deepspeed":
         from bunny.train.engine_deepspeed import DeepSpeedEngine
 

@@ -231,8 +231,7 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
         tower = (sharded or cfg.unfreeze_vision_tower) and dataset.feature_cache is None
         blank = "tower" if tower else "projector"
     loss_module = LossModule(model, cfg.loss_on_supervised_only, autocast_dtype, device, blank_images=blank)
-    find_unused = bool((~dataset.has_image).any()) or cfg.unfreeze_vision_tower
-    engine = build_engine(model, loss_module, cfg, dist, total_steps, warmup, accum, find_unused)
+    engine = build_engine(model, loss_module, cfg, dist, total_steps, warmup, accum)
 
     start_step = 0
     if resume_from is not None:
