@@ -184,6 +184,19 @@ def test_bad_data_stops_before_training_or_is_skipped(tmp_path):
     assert final.is_dir()
 
 
+def test_stage1_with_text_only_samples(tmp_path, caplog):
+    """A text-only global batch in stage 1 involves no trained weight: it is run and skipped cleanly."""
+    from _train_helpers import short_instruct
+
+    text = [s for s in json.loads(short_instruct().read_text()) if "image" not in s][:4]
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(text + json.loads((world() / "pool.json").read_text())[:12]))
+    with caplog.at_level("WARNING", logger="bunny.train"):
+        run(tiny_cfg(tmp_path / "r", data_path=data, max_steps=4, per_device_train_batch_size=4, global_batch_size=4))
+    assert "4 text-only samples cost time and teach it nothing" in caplog.text
+    assert [r["step"] for r in read_metrics(tmp_path / "r")] == [1, 2, 3, 4]
+
+
 def test_qlora_needs_cuda(tmp_path):
     with pytest.raises(RuntimeError, match="needs CUDA"):
         run(tiny_cfg(tmp_path / "q", stage="finetune", bits=4))
@@ -233,9 +246,8 @@ def test_stage1_from_backbone_folders_like_the_paper_recipes(tmp_path):
     """vision_tower + language_model name HF folders (as google/siglip-so400m and microsoft/phi-2 would be):
     the model is assembled from them, only the new projector trains, the towers stay as loaded."""
     from _tokenizers import trained_bpe
-    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
-
     from _train_helpers import TINY_TEXT, TINY_VISION
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
     vision_dir, llm_dir = tmp_path / "siglip", tmp_path / "llm"
     torch.manual_seed(1)

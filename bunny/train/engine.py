@@ -175,14 +175,12 @@ class LocalEngine:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss * self.loss_scale).backward()
+        if loss.requires_grad:  # one process, stage 1, text-only micro-batch: nothing trained is involved
+            (loss * self.loss_scale).backward()
 
     def step(self) -> torch.Tensor:
-        if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        else:
-            norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.detach().norm() for p in self.params if p.grad is not None]))
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -164,8 +164,11 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
     template = get_template(cfg.template or model.config.chat_template)
     dataset = build_dataset(cfg, samples, read_issues, processor=processor, template=template, dist=dist)
     if dist.is_main:
-        log.info("data: %d samples (%d with images), template %s", len(dataset), int(dataset.has_image.sum()),
-                 template.name)
+        n_img = int(dataset.has_image.sum())
+        log.info("data: %d samples (%d with images), template %s", len(dataset), n_img, template.name)
+        if cfg.tune == "projector" and n_img < len(dataset):
+            log.warning("stage 1 trains only the projector: the %d text-only samples cost time and teach it "
+                        "nothing", len(dataset) - n_img)
 
     # ---- what trains ----------------------------------------------------------------------------
     lora = cfg.tune == "lora"
