@@ -38,6 +38,7 @@ from typing import Any  # noqa: E402
 from bunny.backbones import BackboneSettings  # noqa: E402
 from bunny.curate.config import CurateConfig  # noqa: E402
 from bunny.data.synthetic.bench import TASKS  # noqa: E402
+from bunny.data.synthetic.instruct import IMAGE_KINDS  # noqa: E402
 from bunny.data.synthetic.pool import DEFAULT_DEFECTS  # noqa: E402
 
 ARMS = ("coreset", "raw_pool")
@@ -51,6 +52,8 @@ class WorldSection:
     text_share: float = 0.1
     bench_size: int = 200
     defects: dict = field(default_factory=lambda: dict(DEFAULT_DEFECTS))
+    instruct_kinds: dict = field(default_factory=lambda: dict(IMAGE_KINDS))
+    max_turns: int = 4
     seed: int = 0
 
 
@@ -223,7 +226,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, cache: str | Path, quick: bool = 
     w = cfg.world
     prog.start("synth", f"{w.n_images} pool samples, {w.bench_size} questions per benchmark")
     world = generate_world(out / "world", w.n_images, w.seed, n_instruct=w.n_instruct, text_share=w.text_share,
-                           bench_size=w.bench_size, defects=w.defects)
+                           bench_size=w.bench_size, defects=w.defects, instruct_kinds=w.instruct_kinds,
+                           max_turns=w.max_turns)
     prog.done("reused" if world.reused else f"{world.counts['pool']} pool samples, "
               f"{world.counts['instruct']} conversations")
 

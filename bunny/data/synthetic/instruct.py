@@ -93,9 +93,11 @@ def _mc(scene, rng):
     raise RuntimeError("no question applies")
 
 
-def conversation(kind: str, scene: Scene, rng: np.random.Generator, image: str = IMAGE) -> list[dict]:
+def conversation(kind: str, scene: Scene, rng: np.random.Generator, image: str = IMAGE,
+                 max_turns: int = 4) -> list[dict]:
     """One conversation of ``kind`` about ``scene``; the first human turn starts with ``image``
-    followed by a newline (the image placeholder, or a text stand-in)."""
+    followed by a newline (the image placeholder, or a text stand-in). ``multi`` has 2..``max_turns``
+    question/answer turns."""
     if kind == "short":
         turns = [_short(scene, rng)]
     elif kind == "yesno":
@@ -103,7 +105,7 @@ def conversation(kind: str, scene: Scene, rng: np.random.Generator, image: str =
     elif kind == "mc":
         turns = [_mc(scene, rng)]
     elif kind == "multi":
-        n = int(rng.integers(2, 5))
+        n = int(rng.integers(2, max(2, max_turns) + 1))
         turns = [(_short if rng.random() < 0.65 else _yesno)(scene, rng) for _ in range(n)]
     elif kind == "describe":
         turns = [(DESCRIBE_PROMPTS[int(rng.integers(len(DESCRIBE_PROMPTS)))], description(scene))]
@@ -151,17 +153,23 @@ def text_conversation(rng: np.random.Generator) -> list[dict]:
 
 
 def build_instruct(
-    scenes: list[tuple[str, Scene]], n_text: int, rng: np.random.Generator
+    scenes: list[tuple[str, Scene]], n_text: int, rng: np.random.Generator,
+    kinds_share: dict[str, float] | None = None, max_turns: int = 4,
 ) -> list[dict]:
     """LLaVA samples: one conversation per (image path, scene), plus ``n_text`` text-only ones,
-    shuffled together."""
-    kinds = list(IMAGE_KINDS)
-    p = np.array([IMAGE_KINDS[k] for k in kinds])
+    shuffled together. ``kinds_share`` weighs the kinds of image conversation (default
+    ``IMAGE_KINDS``); ``max_turns`` bounds the multi-turn ones."""
+    shares = IMAGE_KINDS if kinds_share is None else kinds_share
+    unknown = set(shares) - set(IMAGE_KINDS)
+    if unknown:
+        raise ValueError(f"unknown conversation kind(s) {sorted(unknown)}; known: {', '.join(IMAGE_KINDS)}")
+    kinds = [k for k in IMAGE_KINDS if shares.get(k, 0) > 0]
+    p = np.array([shares[k] for k in kinds], dtype=float)
     samples = []
     for i, (path, scene) in enumerate(scenes):
         kind = kinds[int(rng.choice(len(kinds), p=p / p.sum()))]
-        samples.append({"id": f"inst-{i:06d}", "image": path, "conversations": conversation(kind, scene, rng),
-                        "kind": kind})
+        samples.append({"id": f"inst-{i:06d}", "image": path,
+                        "conversations": conversation(kind, scene, rng, max_turns=max_turns), "kind": kind})
     for i in range(n_text):
         samples.append({"id": f"text-{i:06d}", "conversations": text_conversation(rng), "kind": "text"})
     order = rng.permutation(len(samples))

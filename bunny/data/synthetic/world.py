@@ -29,7 +29,7 @@ import pandas as pd
 
 from bunny.data.synthetic.bench import TASKS, writer
 from bunny.data.synthetic.bench.common import BenchContext
-from bunny.data.synthetic.instruct import build_instruct
+from bunny.data.synthetic.instruct import IMAGE_KINDS, build_instruct
 from bunny.data.synthetic.pool import DEFAULT_DEFECTS, build_pool, pool_sample
 from bunny.data.synthetic.scenes import Scene, encode, render, sample_scene
 
@@ -46,6 +46,8 @@ class WorldConfig:
     text_share: float = 0.1  # text-only conversations, as a share of the instruction data
     bench_size: int = 200  # about this many questions per benchmark
     defects: dict = field(default_factory=lambda: dict(DEFAULT_DEFECTS))
+    instruct_kinds: dict = field(default_factory=lambda: dict(IMAGE_KINDS))  # share of each conversation kind
+    max_turns: int = 4  # turns of a multi-turn conversation: 2..max_turns
 
     def resolved(self) -> WorldConfig:
         d = asdict(self)
@@ -130,18 +132,22 @@ def generate_world(
     text_share: float = 0.1,
     bench_size: int = 200,
     defects: dict | None = None,
+    instruct_kinds: dict | None = None,
+    max_turns: int = 4,
     tasks: tuple[str, ...] = TASKS,
     overwrite: bool = False,
 ) -> World:
     """Write the synthetic world to ``out_dir`` (see the module docstring for the layout).
 
     ``n_images`` pool samples (defects included, in ``defects`` proportions), ``n_instruct`` image
-    conversations (default ``n_images``) plus ``text_share`` text-only ones, and about ``bench_size``
+    conversations (default ``n_images``; kinds in ``instruct_kinds`` shares, multi-turn ones with up to
+    ``max_turns`` turns) plus ``text_share`` text-only ones, and about ``bench_size``
     questions per benchmark from held-out scenes. A folder already holding this exact world is
     reused unless ``overwrite``.
     """
     cfg = WorldConfig(n_images, seed, image_size, grid, n_instruct, text_share, bench_size,
-                      dict(DEFAULT_DEFECTS if defects is None else defects)).resolved()
+                      dict(DEFAULT_DEFECTS if defects is None else defects),
+                      dict(IMAGE_KINDS if instruct_kinds is None else instruct_kinds), max_turns).resolved()
     if image_size % grid:
         raise ValueError(f"image_size {image_size} must be a multiple of grid {grid}")
     root = Path(out_dir)
@@ -193,7 +199,7 @@ def generate_world(
         inst_scenes.append((rel, s))
         scene_lines.append({"key": rel, "split": "instruct", **s.to_dict()})
     n_text = int(round(cfg.n_instruct * text_share / max(1e-9, 1 - text_share)))
-    samples = build_instruct(inst_scenes, n_text, rng_inst)
+    samples = build_instruct(inst_scenes, n_text, rng_inst, cfg.instruct_kinds, cfg.max_turns)
     kinds: dict[str, int] = {}
     for smp in samples:
         k = smp.pop("kind")
