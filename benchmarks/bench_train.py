@@ -1,6 +1,7 @@
 """Training throughput: bunny's trainer vs transformers' LlavaForConditionalGeneration + a plain padded loop.
 
-    .venv/bin/python benchmarks/bench_train.py [--sweep-steps 3] [--out /tmp/bench-train]
+    .venv/bin/python benchmarks/bench_train.py [--out /tmp/bench-train]     # all variants, then the sweep
+    .venv/bin/python benchmarks/bench_train.py --sweep-only                 # only the 4-run sweep
 
 One run, same small config and data for every variant (the issue's): SigLIP 6 layers / 384 wide at
 224 px, patch 16 (196 image tokens); Qwen2 8 layers / 768 wide, 12 heads, 4 KV heads, vocab 32k;
@@ -11,7 +12,8 @@ batch 8; bf16 autocast; text lengths lognormal (median ~60 tokens), 10% text-onl
   sample, full-vocabulary logits at every position: what a tutorial gives.
 - bunny: ``bunny.train.run`` with the same recipe; then each technique switched off in turn (length
   grouping, logits only at supervised positions), packing switched on, and for stage 1 the feature cache.
-- a 4-run stage-1 sweep (4 learning rates), with and without the feature cache, timed end to end.
+- a 4-run stage-1 sweep (4 learning rates, one epoch each), with and without the feature cache, timed end
+  to end (model build, validation, cache, steps, save).
 
 Each variant trains one full epoch over the same 96 samples (so length grouping, which changes which
 samples share a batch, is compared on the same work) in its own process (peak memory = its max RSS)
@@ -296,9 +298,17 @@ def run_worker(spec: dict, out: Path) -> None:
     print(json.dumps(res))
 
 
+def print_sweep(sweep: dict, steps: int) -> None:
+    no, yes = sweep[False], sweep[True]
+    print(f"\n4-run stage-1 sweep ({steps} steps each, end to end): without cache "
+          f"{no['total_cpu_s']:.0f} CPU-s ({no['total_wall_s']:.0f} s wall), with cache {yes['total_cpu_s']:.0f} CPU-s "
+          f"({yes['total_wall_s']:.0f} s wall): {no['total_cpu_s'] / yes['total_cpu_s']:.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sweep-steps", type=int, default=3, help="steps of each of the 4 sweep runs")
+    p.add_argument("--sweep-steps", type=int, default=N_SAMPLES // BATCH, help="steps of each sweep run (one epoch)")
+    p.add_argument("--sweep-only", action="store_true", help="run only the 4-run feature-cache sweep")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench-train")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -310,6 +320,11 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     paths = make_data(args.out / "data")
+    if args.sweep_only:
+        sweep = {c: spawn(args, f"sweep cache={c}", {"kind": "sweep", "paths": paths, "name": f"sweep-{c}",
+                                                     "steps": args.sweep_steps, "cache": c}) for c in (False, True)}
+        print_sweep(sweep, args.sweep_steps)
+        return
     common = {"paths": paths, "steps": N_SAMPLES // BATCH, "warmup": 0}  # one epoch, every step timed
     peak = spawn(args, "bf16 peak", {"kind": "peak", "paths": paths})["bf16_flops"]
     flops = {st: spawn(args, f"flops {st}", {"kind": "flops", "paths": paths, "stage": st})
@@ -355,10 +370,7 @@ def main() -> None:
             print(f"| {label} | {r['variant']} | {r['samples_per_cpu_s']:.3f} | "
                   f"{r['samples_per_cpu_s'] / base['samples_per_cpu_s']:.2f}x | {r['samples_per_wall_s']:.3f} | "
                   f"{100 * r['mfu']:.1f}% | {r['peak_rss_mb']:.0f} |")
-    no, yes = sweep[False], sweep[True]
-    print(f"\n4-run stage-1 sweep ({args.sweep_steps} steps each, end to end): without cache "
-          f"{no['total_cpu_s']:.0f} CPU-s ({no['total_wall_s']:.0f} s wall), with cache {yes['total_cpu_s']:.0f} CPU-s "
-          f"({yes['total_wall_s']:.0f} s wall): {no['total_cpu_s'] / yes['total_cpu_s']:.2f}x")
+    print_sweep(sweep, args.sweep_steps)
     (args.out / "results.json").write_text(json.dumps({"peak": peak, "flops": flops, "rows": rows, "sweep": sweep},
                                                       indent=1))
 

@@ -60,7 +60,14 @@ def test_sigmoid_loss_is_siglips_own(backbones):
 
 
 def test_folders_open_with_the_auto_classes(backbones):
-    from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer, PhiForCausalLM, SiglipModel
+    from transformers import (
+        AutoImageProcessor,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        PhiForCausalLM,
+        SiglipModel,
+    )
 
     siglip = AutoModel.from_pretrained(backbones.vision)
     assert isinstance(siglip, SiglipModel)  # both towers: curation embeds images and captions with it
