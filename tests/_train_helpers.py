@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ def world(n_images: int = 48, seed: int = 0) -> Path:
     from bunny.data.synthetic import generate_world
 
     root = Path(tempfile.mkdtemp(prefix="bunny-train-world-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # shared across tests, removed at exit
     generate_world(root / "w", n_images, seed, image_size=32, grid=2, bench_size=8, tasks=("pope",))
     return root / "w"
 

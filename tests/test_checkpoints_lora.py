@@ -49,6 +49,21 @@ def test_our_lora_run_folder(tmp_path):
     assert torch.allclose(_logits(again, aproc), ref, atol=1e-5)
 
 
+def test_lora_run_template_wins_over_the_base(tmp_path):
+    """A stage-2 run may train with another chat template than its base: the run's processor decides."""
+    from bunny.train.lora_io import save_lora_run
+
+    base = tiny_model_folder(tmp_path, vision="siglip", family="qwen2", name="base")
+    model, processor = bunny.load_model(base)
+    assert model.config.chat_template == "chatml"
+    _train_like(model)
+    processor.chat_template = "bunny"
+    run = save_lora_run(model, processor, tmp_path / "run", base_model=base)
+    loaded, lproc = bunny.load_model(run)
+    assert lproc.chat_template == "bunny"
+    assert loaded.config.chat_template == "bunny"
+
+
 def test_original_bunny_lora_folder(tmp_path):
     """The original code's layout: adapter keys in the LLM's names, non_lora_trainables.bin, base in adapter_config."""
     model, processor = tiny_model(vision="siglip", family="qwen1.5", seed=2)

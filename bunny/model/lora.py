@@ -71,7 +71,10 @@ def _load_ours(path: Path, dtype, trust_remote_code: bool, merge: bool) -> tuple
         _copy_into(model, _read_tensors(non_lora), source=str(non_lora))
     processor = BunnyProcessor.from_pretrained(path, trust_remote_code=trust_remote_code) \
         if (path / "processor_config.json").is_file() else base_processor
+    # The run's processor is the truth for how prompts were built (a stage-2 run may change the template).
     model.config.image_aspect_ratio = processor.image_processor.image_aspect_ratio
+    if getattr(processor, "chat_template", None):
+        model.config.chat_template = processor.chat_template
     return model, processor
 
 
