@@ -36,6 +36,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from bunny.backbones import BackboneSettings  # noqa: E402
+from bunny.backbones.language import LMSettings  # noqa: E402
 from bunny.curate.config import CurateConfig  # noqa: E402
 from bunny.data.synthetic.bench import TASKS  # noqa: E402
 
@@ -77,12 +78,12 @@ def _demo_curate() -> CurateConfig:
 @dataclass
 class DemoConfig:
     world: WorldSection = field(default_factory=WorldSection)
-    backbones: BackboneSettings = field(default_factory=BackboneSettings)
+    backbones: BackboneSettings = field(default_factory=lambda: BackboneSettings(lm=LMSettings(steps=300)))
     curate: CurateConfig = field(default_factory=_demo_curate)
     stage1: dict = field(default_factory=lambda: {
         "max_steps": 150, "learning_rate": 1e-3, "per_device_train_batch_size": 32, "warmup_ratio": 0.03})
     stage2: dict = field(default_factory=lambda: {
-        "tune": "full", "max_steps": 900, "learning_rate": 2e-3, "mm_projector_lr": 2e-3,
+        "tune": "full", "max_steps": 700, "learning_rate": 2e-3, "mm_projector_lr": 2e-3,
         "per_device_train_batch_size": 16, "warmup_ratio": 0.03})
     eval: EvalSection = field(default_factory=EvalSection)
     compare_raw_pool: bool = True
@@ -94,14 +95,13 @@ class DemoConfig:
 
 def quick_config() -> DemoConfig:
     """``--quick``: the same pipeline, smaller numbers."""
-    from bunny.backbones.language import LMSettings
     from bunny.backbones.vision import VisionSettings
 
     cfg = DemoConfig()
     cfg.world = WorldSection(n_images=1500, n_instruct=1500, bench_size=100)
-    cfg.backbones = BackboneSettings(vision=VisionSettings(steps=100), lm=LMSettings(steps=150))
-    cfg.stage1 = {**cfg.stage1, "max_steps": 60}
-    cfg.stage2 = {**cfg.stage2, "max_steps": 400}
+    cfg.backbones = BackboneSettings(vision=VisionSettings(steps=120), lm=LMSettings(steps=100))
+    cfg.stage1 = {**cfg.stage1, "max_steps": 50}
+    cfg.stage2 = {**cfg.stage2, "max_steps": 250}
     return cfg
 
 

@@ -53,13 +53,13 @@ class VisionSettings:
     text_layers: int = 2
     text_max_positions: int = 48  # captions are at most ~41 tokens
     feature_layer: int = -2  # where the attribute heads read (the MLLM's vision_feature_layer)
-    steps: int = 300
+    steps: int = 250
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 20
     weight_decay: float = 0.05
     aux_weight: float = 1.0
-    hard_negative_share: float = 0.5  # batch share that are copies of other scenes with one fact changed
+    hard_negative_share: float = 0.25  # batch share that are copies of other scenes with one fact changed
     augment: bool = True  # brightness and 1 px shifts, so a re-encoded copy embeds like its original
     logit_scale_init: float = math.log(10.0)
     logit_bias_init: float = -10.0
@@ -104,10 +104,12 @@ def image_processor(s: VisionSettings):
 
 
 class AttributeHeads(nn.Module):
-    """Per-cell shape/color/size (class 0 = nothing there) and the background, read linearly."""
+    """Per-cell shape/color/size (class 0 = nothing there), the cell's place on the grid, and the
+    background, read linearly: every fact a question asks about, in the token that shows it."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, grid: int = 3):
         super().__init__()
+        self.cell = nn.Linear(dim, grid * grid)
         self.shape = nn.Linear(dim, 1 + len(SHAPES))
         self.color = nn.Linear(dim, 1 + len(COLOR_NAMES))
         self.size = nn.Linear(dim, 1 + len(SIZES))
@@ -115,7 +117,7 @@ class AttributeHeads(nn.Module):
 
     def forward(self, cells: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"shape": self.shape(cells), "color": self.color(cells), "size": self.size(cells),
-                "background": self.background(cells.mean(1))}
+                "cell": self.cell(cells), "background": self.background(cells.mean(1))}
 
 
 def cell_targets(scenes: list[Scene], grid: int) -> dict[str, torch.Tensor]:
@@ -130,7 +132,8 @@ def cell_targets(scenes: list[Scene], grid: int) -> dict[str, torch.Tensor]:
             color[i, k] = 1 + COLOR_NAMES.index(o.color)
             size[i, k] = 1 + SIZES.index(o.size)
     bg = torch.tensor([BACKGROUND_NAMES.index(sc.background) for sc in scenes])
-    return {"shape": shape, "color": color, "size": size, "background": bg}
+    cell = torch.arange(n).expand(len(scenes), n)
+    return {"shape": shape, "color": color, "size": size, "cell": cell, "background": bg}
 
 
 def patches_to_cells(tokens: torch.Tensor, grid: int) -> torch.Tensor:
@@ -244,6 +247,7 @@ def evaluate(model, heads, tok, s: VisionSettings, n: int = 256) -> dict[str, fl
     for name in ("shape", "color", "size"):
         figures[f"attr_{name}"] = float((pred[name].argmax(-1) == tgt[name])[occupied].float().mean())
     figures["attr_background"] = float((pred["background"].argmax(-1) == tgt["background"]).float().mean())
+    figures["attr_cell"] = float((pred["cell"].argmax(-1) == tgt["cell"]).float().mean())
     figures["attr_empty"] = float((pred["shape"].argmax(-1) == 0)[~occupied].float().mean())
     model.train()
     return {k: round(v, 4) for k, v in figures.items()}
@@ -258,7 +262,7 @@ def io_bytes(data: bytes):
 def train_vision(tok, out_dir: str | Path, s: VisionSettings, log=print) -> dict:
     """Train the two towers (+ attribute heads), save the ``SiglipModel`` folder; return figures."""
     model = build_model(tok, s)
-    heads = AttributeHeads(s.hidden_size)
+    heads = AttributeHeads(s.hidden_size, s.grid)
     params = list(model.parameters()) + list(heads.parameters())
     temp = [model.logit_scale, model.logit_bias]
     rest = [p for p in params if all(p is not t for t in temp)]
