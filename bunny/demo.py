@@ -154,14 +154,14 @@ def peak_rss_mb() -> float:
 
 # ------------------------------------------------------------------------------------------- steps
 def train_stage(stage: str, overrides: dict, **paths: Any) -> Path:
-    """One stage through ``bunny.train.run`` (the code ``bunny train`` runs)."""
-    from bunny.backbones.language import cpu_has_bf16
+    """One stage through ``bunny.train.run`` (the code ``bunny train`` runs). float32: at these widths
+    bfloat16 autocast is no faster on the CPU and measurably slows learning (docs/demo.md)."""
     from bunny.config import from_dict
     from bunny.train import TrainConfig, run
 
     cfg = from_dict(TrainConfig, {
         "stage": stage, "save_steps": 0, "report_to": ["jsonl"], "logging_steps": 5, "seed": 0,
-        "dataloader_num_workers": 0, "bf16": cpu_has_bf16(), **{k: str(v) for k, v in paths.items()}, **overrides,
+        "dataloader_num_workers": 0, "bf16": False, **{k: str(v) for k, v in paths.items()}, **overrides,
     }, f"demo {stage}")
     cfg.check_paths()
     final = run(cfg)

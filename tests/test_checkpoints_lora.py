@@ -11,13 +11,16 @@ from peft import LoraConfig, get_peft_model
 
 import bunny
 from bunny.model.checkpoints import detect_layout, save_model
+from bunny.model.lora import quiet_peft
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _train_like(model, seed=0):
     """Wrap the LLM in LoRA and give the adapter and the projector non-trivial values."""
-    model.language_model = get_peft_model(model.language_model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    with quiet_peft():
+        model.language_model = get_peft_model(model.language_model, LoraConfig(r=4, lora_alpha=8,
+                                                                               target_modules=TARGETS))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

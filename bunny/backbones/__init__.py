@@ -31,7 +31,7 @@ import numpy as np
 from bunny.backbones.language import LMSettings
 from bunny.backbones.vision import VisionSettings
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -126,7 +126,7 @@ def build_backbones(cache_dir: str | Path, settings: BackboneSettings | None = N
         figures["tokenizer"] = {"vocab_size": len(tok), "seconds": round(time.perf_counter() - t, 1)}
         log(f"  tokenizer: {len(tok)} tokens ({figures['tokenizer']['seconds']} s)")
         figures["vision"] = train_vision(tok, work / "siglip", s.vision, log=log)
-        figures["lm"] = train_language(tok, work / "lm", s.lm, log=log)
+        figures["lm"] = train_language(tok, work / "lm", s.lm, side=s.vision.image_size // s.vision.patch_size, log=log)
         (work / "backbones.json").write_text(json.dumps({"settings": asdict(s), "figures": figures}, indent=1))
         if root.exists():
             shutil.rmtree(root)

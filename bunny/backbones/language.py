@@ -28,8 +28,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bunny.data.synthetic.instruct import conversation, text_conversation
-from bunny.data.synthetic.scenes import caption, description, sample_scene
+from bunny.data.synthetic.instruct import IMAGE, conversation, text_conversation
+from bunny.data.synthetic.scenes import Scene, caption, position_name, sample_scene
+
+# Single-turn kinds of image conversation and their weights (the rest is multi-turn, `multi_share`).
+SINGLE_KINDS = {"short": 0.3, "yesno": 0.3, "mc": 0.25, "describe": 0.1, "caption": 0.05}
+
+
+def _pick(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    names = list(weights)
+    p = np.array([weights[n] for n in names], dtype=float)
+    return names[int(rng.choice(len(names), p=p / p.sum()))]
 
 
 @dataclass
@@ -45,10 +54,12 @@ class LMSettings:
     warmup: int = 30
     weight_decay: float = 0.01
     turns: int = 4  # question/answer turns per description (more supervised tokens per sequence)
-    bf16: bool | None = None  # bfloat16 autocast (weights stay float32); None: when the CPU has bf16 units
+    bf16: bool | None = False  # bfloat16 autocast; None: when the CPU has bf16 units. False: measured to learn
+    # the image-slot reading far slower at this width (and no faster), see docs/demo.md
     text_share: float = 0.1
     plain_share: float = 0.1
-    caption_as_context: float = 0.3  # share of conversations whose context is a caption, not the description
+    embed_init_std: float = 0.2  # 10x Phi's 0.02: measured to start reading the image slot ~2x sooner
+    multi_share: float = 0.5  # image conversations with several question/answer turns
     probe_questions: int = 300  # held-out questions of the final probe
     seed: int = 0
 
@@ -63,26 +74,36 @@ def render_bunny(conv: list[dict]) -> list[tuple[str, bool]]:
     return [(seg.text, seg.learned) for seg in TEMPLATES.get("bunny").segments(conv)]
 
 
-def lm_example(rng: np.random.Generator, s: LMSettings) -> list[tuple[str, bool]]:
+def slot_words(scene: Scene, side: int) -> list[list[str]]:
+    """What each image token will carry, in the vision tower's patch order (row by row): the words of
+    the object in that patch's cell (size, color, shape; none for an empty cell), the background,
+    and the cell's place ("top", "left", ...). ``side`` patches per image side tile the grid."""
+    words = []
+    for r in range(side):
+        for c in range(side):
+            row, col = r * scene.grid // side, c * scene.grid // side
+            o = scene.at(row, col)
+            w = [o.size, o.color, o.shape] if o is not None else []
+            words.append(w + [scene.background] + position_name(row, col, scene.grid).split())
+    return words
+
+
+def lm_example(rng: np.random.Generator, s: LMSettings) -> tuple[list[tuple[str, bool]], Scene | None]:
+    """One training conversation (as template pieces) and the scene its image slot shows."""
     r = rng.random()
     if r < s.text_share:
-        return render_bunny(text_conversation(rng))
+        return render_bunny(text_conversation(rng)), None
     scene = sample_scene(rng)
-    context = caption(scene, rng) if rng.random() < s.caption_as_context else description(scene)
     if r < s.text_share + s.plain_share:
-        # like stage 1's `plain` template: the image (here its description), then the caption
-        return [(context + "\n", False), (caption(scene, rng) + "\n", True)]
-    kind = "multi" if rng.random() < 0.6 else ("short", "yesno", "mc", "describe", "caption")[int(rng.integers(5))]
-    conv = conversation(kind, scene, rng, image=context)
-    if kind == "multi":  # lengthen: more answers per context
-        while len(conv) < 2 * s.turns:
-            extra = conversation("short" if rng.random() < 0.65 else "yesno", scene, rng, image="")
-            conv += [{"from": "human", "value": extra[0]["value"].lstrip("\n")}, extra[1]]
-    return render_bunny(conv)
+        # stage 1's `plain` template: the image, then its caption and a newline (caption learned)
+        return [(IMAGE, False), (caption(scene, rng) + "\n", True)], scene
+    kind = "multi" if rng.random() < s.multi_share else _pick(rng, SINGLE_KINDS)
+    conv = conversation(kind, scene, rng, max_turns=s.turns)
+    return render_bunny(conv), scene
 
 
 def encode_pieces(tok, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
-    """input ids and labels (-100 where no loss), built piece by piece."""
+    """input ids and labels (-100 where no loss), built piece by piece (``<image>`` stays one id)."""
     ids, labels = [], []
     for text, loss in pieces:
         t = tok(text, add_special_tokens=False)["input_ids"]
@@ -91,20 +112,75 @@ def encode_pieces(tok, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[
     return ids, labels
 
 
-def batches(tok, rng: np.random.Generator, s: LMSettings, n_batches: int):
-    pad = tok.pad_token_id
-    for _ in range(n_batches):
-        rows = [encode_pieces(tok, lm_example(rng, s)) for _ in range(s.batch_size)]
-        width = min(s.max_positions, max(len(r[0]) for r in rows))
+class SlotCoder:
+    """Turns ``(pieces, scene)`` into model inputs: the text's token ids with ``<image>`` expanded to
+    ``side**2`` slot positions, and for each slot the token ids of its words (``slot_words``)."""
+
+    def __init__(self, tok, side: int):
+        self.tok, self.side = tok, side
+        self.image_id = tok.convert_tokens_to_ids(IMAGE)
+        self._word_ids: dict[str, list[int]] = {}
+
+    def word_ids(self, word: str) -> list[int]:
+        if word not in self._word_ids:
+            self._word_ids[word] = self.tok(" " + word, add_special_tokens=False)["input_ids"]
+        return self._word_ids[word]
+
+    def encode(self, pieces, scene) -> tuple[list[int], list[int], list[list[int]]]:
+        ids, labels = encode_pieces(self.tok, pieces)
+        n = self.side * self.side
+        out_ids, out_labels = [], []
+        for i, lab in zip(ids, labels):
+            if i == self.image_id:
+                out_ids += [i] * n
+                out_labels += [-100] * n
+            else:
+                out_ids.append(i)
+                out_labels.append(lab)
+        slots = []
+        if scene is not None and self.image_id in ids:
+            slots = [[t for w in words for t in self.word_ids(w)] for words in slot_words(scene, self.side)]
+        return out_ids, out_labels, slots
+
+    def collate(self, rows, max_len: int):
+        pad = self.tok.pad_token_id
+        width = min(max_len, max(len(r[0]) for r in rows))
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         lab = torch.full((len(rows), width), -100, dtype=torch.long)
         att = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (a, b) in enumerate(rows):
-            a, b = a[:width], b[:width]
+        slot_rows = []
+        for i, (a, b, slots) in enumerate(rows):
             ids[i, : len(a)] = torch.tensor(a)
             lab[i, : len(b)] = torch.tensor(b)
             att[i, : len(a)] = 1
-        yield ids, att, lab
+            if slots:
+                slot_rows.append(slots)
+        k = max((len(w) for slots in slot_rows for w in slots), default=1)
+        slot_ids = torch.full((len(slot_rows), self.side * self.side, k), -1, dtype=torch.long)
+        for i, slots in enumerate(slot_rows):
+            for j, w in enumerate(slots):
+                slot_ids[i, j, : len(w)] = torch.tensor(w)
+        return ids, att, lab, slot_ids
+
+    def embed(self, model, ids: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings with every image slot holding the sum of its words' embeddings."""
+        table = model.get_input_embeddings()
+        emb = table(ids)
+        if slot_ids.numel():
+            vec = (table(slot_ids.clamp(min=0)) * (slot_ids >= 0).unsqueeze(-1)).sum(2)
+            mask = (ids == self.image_id).unsqueeze(-1)
+            emb = emb.masked_scatter(mask, vec.to(emb.dtype))
+        return emb
+
+
+def batches(coder: SlotCoder, rng: np.random.Generator, s: LMSettings, n_batches: int):
+    for _ in range(n_batches):
+        rows = []
+        while len(rows) < s.batch_size:
+            row = coder.encode(*lm_example(rng, s))
+            if len(row[0]) <= s.max_positions:  # never cut into an image slot
+                rows.append(row)
+        yield coder.collate(rows, s.max_positions)
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -127,7 +203,10 @@ def build_model(tok, s: LMSettings):
         bos_token_id=None,
     )
     torch.manual_seed(s.seed)
-    return PhiForCausalLM(cfg)
+    model = PhiForCausalLM(cfg)
+    with torch.no_grad():  # tied: the output layer shares it
+        model.get_input_embeddings().weight.normal_(0.0, s.embed_init_std)
+    return model
 
 
 def cpu_has_bf16() -> bool:
@@ -146,8 +225,8 @@ def lr_at(step: int, s: LMSettings) -> float:
 
 
 @torch.no_grad()
-def probe(model, tok, rng: np.random.Generator, n: int = 300) -> dict[str, float]:
-    """Exact-match accuracy of greedy replies to held-out questions about a description in context,
+def probe(model, coder: SlotCoder, rng: np.random.Generator, n: int = 300) -> dict[str, float]:
+    """Exact-match accuracy of greedy replies to held-out questions about the scene in the image slot,
     per question family (teacher-forced argmax over the whole reply and its end token, which equals
     greedy decoding)."""
     from bunny.data.synthetic.questions import SHORT_FAMILIES, SHORT_SUFFIX, ask
@@ -162,12 +241,10 @@ def probe(model, tok, rng: np.random.Generator, n: int = 300) -> dict[str, float
         if qa is None:
             continue
         suffix = SHORT_SUFFIX if fam in SHORT_FAMILIES or rng.random() < 0.5 else " Please answer yes or no."
-        conv = [{"from": "human", "value": f"{description(scene)}\n{qa.question}{suffix}"},
-                {"from": "gpt", "value": qa.answer}]
-        ids, labels = encode_pieces(tok, render_bunny(conv))
-        x = torch.tensor([ids])
-        logits = model(input_ids=x).logits[0, :-1]
-        tgt = torch.tensor(labels[1:])
+        conv = [{"from": "human", "value": f"{IMAGE}\n{qa.question}{suffix}"}, {"from": "gpt", "value": qa.answer}]
+        ids, att, lab, slots = coder.collate([coder.encode(render_bunny(conv), scene)], 10_000)
+        logits = model(inputs_embeds=coder.embed(model, ids, slots), attention_mask=att).logits[0, :-1]
+        tgt = lab[0, 1:]
         m = tgt != -100
         right[fam].append(int((logits[m].argmax(-1) == tgt[m]).all()))
     model.train()
@@ -176,10 +253,12 @@ def probe(model, tok, rng: np.random.Generator, n: int = 300) -> dict[str, float
     return acc
 
 
-def train_language(tok, out_dir: str | Path, s: LMSettings, log=print) -> dict:
-    """Train the LM, save it (with ``tok``) to ``out_dir``; returns measured figures."""
+def train_language(tok, out_dir: str | Path, s: LMSettings, side: int = 3, log=print) -> dict:
+    """Train the LM, save it (with ``tok``) to ``out_dir``; returns measured figures. ``side``: image
+    tokens per side of the vision tower the LM will be paired with (its slot has ``side**2``)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = build_model(tok, s)
+    coder = SlotCoder(tok, side)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -190,11 +269,11 @@ def train_language(tok, out_dir: str | Path, s: LMSettings, log=print) -> dict:
     t0 = time.perf_counter()
     losses = []
     model.train()
-    for step, (ids, att, lab) in enumerate(batches(tok, rng, s, s.steps)):
+    for step, (ids, att, lab, slots) in enumerate(batches(coder, rng, s, s.steps)):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, s)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+            loss = model(inputs_embeds=coder.embed(model, ids, slots), attention_mask=att, labels=lab).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -203,7 +282,7 @@ def train_language(tok, out_dir: str | Path, s: LMSettings, log=print) -> dict:
         if log and (step % 50 == 0 or step == s.steps - 1):
             log(f"  lm step {step:4d}/{s.steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
     seconds = time.perf_counter() - t0
-    acc = probe(model, tok, np.random.default_rng(s.seed + 10_000), n=s.probe_questions)
+    acc = probe(model, coder, np.random.default_rng(s.seed + 10_000), n=s.probe_questions)
     out = Path(out_dir)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id

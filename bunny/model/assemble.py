@@ -9,9 +9,11 @@ backbones keep their pretrained weights, only the projector is new. Any local HF
 * LLM: any causal-LM folder of a registered family (or ``generic``), with its tokenizer.
 
 The tokenizer gets an ``<image>`` special token when it has none; its id is ``image_token_id``.
-The embedding matrix is not resized: image positions are never looked up (the model writes image
-features there), so an id at or beyond the LLM's vocabulary is fine for Bunny itself; export to
-transformers' Llava adds the row it needs then.
+The embedding matrix is not resized for it: image positions are never looked up (the model writes
+image features there), so an id at or beyond the LLM's vocabulary is fine for Bunny itself; export to
+transformers' Llava adds the row it needs then. The chat template's special strings (end token, role
+markers) that the tokenizer lacks are added too, and those do get (mean-initialised) embedding rows:
+the model reads and writes them (``bunny.model.special_tokens``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from transformers import AutoTokenizer
 from bunny.model.checkpoints import configure_generation, default_image_processor
 from bunny.model.language import LLM_FAMILIES, family_for_config, load_text_config
 from bunny.model.processing import BunnyProcessor
+from bunny.model.special_tokens import add_template_tokens
 from bunny.model.vision import VISION_ENCODERS, read_json
 
 IMAGE_TOKEN = "<image>"
@@ -127,6 +130,7 @@ def assemble_model(
         model.mm_projector.to(dtype)
     processor = BunnyProcessor.for_config(tokenizer, default_image_processor(config, _stats_folder(vision_path)), config)
     configure_generation(model, processor)
+    add_template_tokens(model, processor)  # the template's end token / role markers as single ids
     model.eval()
     return model, processor
 

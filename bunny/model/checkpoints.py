@@ -164,6 +164,9 @@ def load_model(
     if device is not None:
         model.to(device)
     model.eval()
+    from bunny.model.special_tokens import warn_if_split
+
+    warn_if_split(model, processor, path)  # a folder from before template tokens were added
     return model, processor
 
 

@@ -22,6 +22,9 @@ training): a merged model runs at the base model's speed.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,10 +112,23 @@ def _load_original(path: Path, dtype, trust_remote_code: bool, merge: bool) -> t
     return model, processor
 
 
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Wrap calls that build a PEFT model (``get_peft_model``, ``PeftModel.from_pretrained``).
+
+    Why: peft reads ``model.is_gradient_checkpointing``, which transformers 5 deprecated in favour of
+    ``is_activation_checkpointing``; every LoRA load and every LoRA run then printed a FutureWarning
+    that the user can do nothing about. Only that one warning is silenced, only inside the call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _apply_adapter(model: Any, path: Path, merge: bool) -> None:
     from peft import PeftModel
 
-    model.language_model = PeftModel.from_pretrained(model.language_model, str(path))
+    with quiet_peft():
+        model.language_model = PeftModel.from_pretrained(model.language_model, str(path))
     if merge:
         model.language_model = model.language_model.merge_and_unload()
 
@@ -140,4 +156,4 @@ def _copy_into(model: Any, state: dict[str, torch.Tensor], source: str, origin: 
             own[k].copy_(v.to(own[k].dtype))
 
 
-__all__ = ["LORA_META", "load_lora_model"]
+__all__ = ["LORA_META", "load_lora_model", "quiet_peft"]

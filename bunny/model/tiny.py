@@ -78,10 +78,13 @@ def tiny_model(
 ):
     """A random tiny ``(model, processor)``; the tokenizer must hold an ``<image>`` token, whose id
     becomes ``image_token_id`` (inside the vocabulary, so the model exports to transformers' Llava).
+    The chat template's special strings missing from the tokenizer are added to it (in place) as
+    special tokens, with embedding rows (``bunny.model.special_tokens``).
     """
     from bunny.model.checkpoints import configure_generation, default_image_processor
     from bunny.model.modeling import BunnyConfig, BunnyForConditionalGeneration
     from bunny.model.processing import BunnyProcessor
+    from bunny.model.special_tokens import add_template_tokens
 
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     if image_token_id is None or image_token_id == tokenizer.unk_token_id:
@@ -110,4 +113,6 @@ def tiny_model(
     model.eval()
     processor = BunnyProcessor.for_config(tokenizer, default_image_processor(config), config)
     configure_generation(model, processor)
+    # a tokenizer trained on the data has no <|im_end|> etc.: make the template's tokens single ids
+    add_template_tokens(model, processor)
     return model, processor

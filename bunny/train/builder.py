@@ -94,6 +94,30 @@ def tiny_tokenizer(cfg: TrainConfig, texts: list[str], main: bool, barrier) -> A
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+def _add_template_tokens(cfg: TrainConfig, model: Any, processor: Any, base: Path | None) -> None:
+    """The special strings of the run's template and the model's chat template as single tokens.
+
+    Models built here already have them (``tiny_model`` / ``assemble_model`` add them); a loaded folder
+    or a changed template may not. A full or projector-only run adds them (new rows, saved with the
+    model). A LoRA run cannot: it saves only the adapter and refers to the base folder, whose
+    embeddings and tokenizer lack the new ids."""
+    from bunny.model.special_tokens import add_template_tokens, split_template_tokens
+
+    names = list(dict.fromkeys(n for n in (cfg.template, model.config.chat_template) if n))
+    if cfg.tune == "lora" and base is not None:
+        split = [s for n in names for s in split_template_tokens(processor.tokenizer, n)]
+        if split:
+            raise ValueError(
+                f"template tokens {sorted(set(split))} are not single tokens of the tokenizer of {base}; a LoRA run "
+                "keeps the base folder's embeddings and cannot add them. Rebuild the base with the current bunny "
+                "(stage 1 adds them) or train this stage with tune: full")
+        return
+    added = add_template_tokens(model, processor, names)
+    if added:
+        log.info("added %s to the tokenizer as special tokens (templates %s); embeddings now %d rows",
+                 added, names, model.language_model.get_input_embeddings().weight.shape[0])
+
+
 def build_start_model(cfg: TrainConfig, texts_fn, main: bool = True, barrier=lambda: None
                       ) -> tuple[Any, Any, Path | None]:
     """``(model, processor, base_folder)``; ``base_folder`` is the folder the model was loaded from
@@ -147,6 +171,7 @@ def build_start_model(cfg: TrainConfig, texts_fn, main: bool = True, barrier=lam
         # the fine-tuned model is prompted at inference with the template it was trained on
         model.config.chat_template = cfg.template
         processor.chat_template = cfg.template
+    _add_template_tokens(cfg, model, processor, base)
     if cfg.stage == "finetune" and cfg.image_aspect_ratio and model.config.image_aspect_ratio != cfg.image_aspect_ratio:
         # the fine-tuned model is evaluated and served the way it was trained
         model.config.image_aspect_ratio = cfg.image_aspect_ratio

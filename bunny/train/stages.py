@@ -74,6 +74,8 @@ def apply_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Wrap ``model.language_model`` with PEFT LoRA (in place); returns the PEFT model."""
     from peft import LoraConfig, get_peft_model
 
+    from bunny.model.lora import quiet_peft
+
     llm = model.language_model
     targets = lora_target_names(llm, cfg.lora.targets)
     lora_cfg = LoraConfig(
@@ -84,7 +86,8 @@ def apply_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         bias=cfg.lora.bias,
         task_type="CAUSAL_LM",
     )
-    peft_llm = get_peft_model(llm, lora_cfg)
+    with quiet_peft():
+        peft_llm = get_peft_model(llm, lora_cfg)
     model.language_model = peft_llm
     return peft_llm
 

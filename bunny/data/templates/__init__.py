@@ -20,6 +20,8 @@ Contract (docs/architecture.md):
   does **not** contain the BOS token: tokenize it with the tokenizer's default special tokens,
   which add the BOS exactly where :meth:`encode` puts one.
 - ``stop_strings`` / ``end_token`` for generation; :meth:`end_token_ids` for a tokenizer.
+- ``special_tokens``: the strings (end token, role markers) that must be single tokens of the
+  tokenizer; model assembly adds missing ones (``bunny.model.special_tokens``).
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ class ChatTemplate:
     default_system: str | None = None
     end_token: str = ""
     extra_stop_strings: tuple[str, ...] = ()
+    #: strings the format relies on being ONE token each (its end token, role markers): the model
+    #: learns and generates each as a single id, and generation stops on the end token's id. Empty
+    #: for formats of plain text (``plain``'s end token is a newline).
+    special_tokens: tuple[str, ...] = ()
 
     # ---- the pieces a template defines -------------------------------------------------
     def system_text(self, system: str) -> str:
@@ -192,6 +198,14 @@ def get_template(name: str) -> ChatTemplate:
 _CACHE: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
+def forget_tokenizer(tokenizer: Any) -> None:
+    """Drop the cached facts about ``tokenizer`` (call after adding tokens to it: the anchor may change)."""
+    try:
+        _CACHE.pop(tokenizer, None)
+    except TypeError:  # not weak-referenceable: never cached
+        pass
+
+
 def _tok_info(tokenizer: Any) -> dict[str, Any]:
     """Per-tokenizer facts, computed once: the default prefix (BOS) and a continuation anchor."""
     try:
@@ -296,6 +310,7 @@ __all__ = [
     "TEMPLATES",
     "ChatTemplate",
     "Segment",
+    "forget_tokenizer",
     "get_template",
     "normalize_messages",
     "tokenize_text",

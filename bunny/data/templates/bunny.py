@@ -31,6 +31,7 @@ class BunnyTemplate(ChatTemplate):
     def __init__(self, name: str = "bunny", end_token: str = "<|endoftext|>") -> None:
         self.name = name
         self.end_token = end_token
+        self.special_tokens = (end_token,)  # the roles are plain text ("USER: ", "ASSISTANT:")
 
     def system_text(self, system: str) -> str:
         return system + " " if system else ""

@@ -17,6 +17,7 @@ class ChatMLTemplate(ChatTemplate):
     default_system = "You are a helpful assistant."
     end_token = "<|im_end|>"
     extra_stop_strings = ("<|endoftext|>",)
+    special_tokens = ("<|im_start|>", "<|im_end|>")
 
     def system_text(self, system: str) -> str:
         return "<|im_start|>system\n" + system + "<|im_end|>\n"

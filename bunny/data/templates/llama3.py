@@ -25,6 +25,7 @@ class Llama3Template(ChatTemplate):
     name = "llama3"
     end_token = "<|eot_id|>"
     extra_stop_strings = ("<|end_of_text|>",)
+    special_tokens = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
     @staticmethod
     def _header(role: str) -> str:

@@ -21,6 +21,7 @@ from bunny.data.templates.bunny import BunnyTemplate
 class MiniCPMTemplate(ChatTemplate):
     name = "minicpm"
     end_token = "</s>"
+    special_tokens = ("<用户>", "<AI>", "</s>")
 
     def system_text(self, system: str) -> str:
         return system

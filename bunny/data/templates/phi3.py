@@ -19,6 +19,7 @@ class Phi3Template(ChatTemplate):
     name = "phi3"
     end_token = "<|end|>"
     extra_stop_strings = ("<|endoftext|>",)
+    special_tokens = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
     def system_text(self, system: str) -> str:
         return "<|system|>\n" + system + "<|end|>\n"
