@@ -78,7 +78,7 @@ def _demo_curate() -> CurateConfig:
 @dataclass
 class DemoConfig:
     world: WorldSection = field(default_factory=WorldSection)
-    backbones: BackboneSettings = field(default_factory=lambda: BackboneSettings(lm=LMSettings(steps=300)))
+    backbones: BackboneSettings = field(default_factory=lambda: BackboneSettings(lm=LMSettings(steps=1500)))
     curate: CurateConfig = field(default_factory=_demo_curate)
     stage1: dict = field(default_factory=lambda: {
         "max_steps": 150, "learning_rate": 1e-3, "per_device_train_batch_size": 32, "warmup_ratio": 0.03})
@@ -99,7 +99,7 @@ def quick_config() -> DemoConfig:
 
     cfg = DemoConfig()
     cfg.world = WorldSection(n_images=1500, n_instruct=1500, bench_size=100)
-    cfg.backbones = BackboneSettings(vision=VisionSettings(steps=120), lm=LMSettings(steps=100))
+    cfg.backbones = BackboneSettings(vision=VisionSettings(steps=120), lm=LMSettings(steps=350))
     cfg.stage1 = {**cfg.stage1, "max_steps": 50}
     cfg.stage2 = {**cfg.stage2, "max_steps": 250}
     return cfg

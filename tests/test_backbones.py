@@ -129,3 +129,34 @@ def test_the_recipe_code_paths_take_the_folders(backbones):
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_lm_image_slot_holds_each_cells_words(backbones):
+    """The LM learns from conversations whose ``<image>`` is side**2 slots, each the sum of the word
+    embeddings of its cell (object, background, place): what stage 1 then teaches the projector to
+    produce from the vision tower's patch tokens."""
+    from transformers import AutoTokenizer
+
+    from bunny.backbones.language import SlotCoder, build_model, render_bunny, slot_words
+    from bunny.data.synthetic.scenes import Obj, Scene
+
+    scene = Scene("snow", (Obj("circle", "red", "large", 0, 0), Obj("square", "blue", "small", 2, 1)), 3)
+    words = slot_words(scene, 3)
+    assert words[0] == ["large", "red", "circle", "snow", "top", "left"]
+    assert words[4] == ["snow", "center"] and words[7] == ["small", "blue", "square", "snow", "bottom"]
+    tok = AutoTokenizer.from_pretrained(backbones.lm)
+    coder = SlotCoder(tok, 3)
+    conv = [{"from": "human", "value": "<image>\nWhat color is the circle?"}, {"from": "gpt", "value": "red"}]
+    ids, labels, slots = coder.encode(render_bunny(conv), scene)
+    at = [i for i, t in enumerate(ids) if t == coder.image_id]
+    assert len(at) == 9 and at == list(range(at[0], at[0] + 9)) and all(labels[i] == -100 for i in at)
+    assert tok.decode([t for t in labels if t != -100]).strip() == "red<|endoftext|>"
+    model = build_model(tok, TINY.lm)
+    batch_ids, _, _, slot_ids = coder.collate([(ids, labels, slots)], 512)
+    emb = coder.embed(model, batch_ids, slot_ids)
+    table = model.get_input_embeddings().weight
+    for k in (0, 4, 7):
+        want = sum(table[t] for w in words[k] for t in coder.word_ids(w))
+        assert torch.allclose(emb[0, at[k]], want, atol=1e-5)
+    assert torch.equal(emb[0, : at[0]], table[batch_ids[0, : at[0]]])  # the text around stays itself
+

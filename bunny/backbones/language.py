@@ -53,13 +53,13 @@ class LMSettings:
     lr: float = 3e-3
     warmup: int = 30
     weight_decay: float = 0.01
-    turns: int = 4  # question/answer turns per description (more supervised tokens per sequence)
+    turns: int = 6  # at most this many question/answer turns per image (more answers per sequence)
     bf16: bool | None = False  # bfloat16 autocast; None: when the CPU has bf16 units. False: measured to learn
     # the image-slot reading far slower at this width (and no faster), see docs/demo.md
     text_share: float = 0.1
     plain_share: float = 0.1
     embed_init_std: float = 0.2  # 10x Phi's 0.02: measured to start reading the image slot ~2x sooner
-    multi_share: float = 0.5  # image conversations with several question/answer turns
+    multi_share: float = 0.7  # image conversations with several question/answer turns
     probe_questions: int = 300  # held-out questions of the final probe
     seed: int = 0
 
