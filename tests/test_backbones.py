@@ -152,7 +152,7 @@ def test_lm_image_slot_holds_each_cells_words(backbones):
     assert len(at) == 9 and at == list(range(at[0], at[0] + 9)) and all(labels[i] == -100 for i in at)
     assert tok.decode([t for t in labels if t != -100]).strip() == "red<|endoftext|>"
     model = build_model(tok, TINY.lm)
-    batch_ids, _, _, slot_ids = coder.collate([(ids, labels, slots)], 512)
+    batch_ids, _, _, slot_ids = coder.collate([(ids, labels, slots)])
     emb = coder.embed(model, batch_ids, slot_ids)
     table = model.get_input_embeddings().weight
     for k in (0, 4, 7):

@@ -4,18 +4,18 @@ tokenizer and generation config beside), so the recipe takes it through the `phi
 the `bunny` chat template, as it would take Phi-2.
 
 What it must learn (the issue's measured warning): a frozen from-scratch LM that never learned to
-answer from a description in its context cannot be taught to answer from image tokens either. So the
-text it trains on is the instruction data's own conversations, encoded by the `bunny` chat template
-(``bunny.data.templates``), with the scene's description where the image will be::
+answer about a scene in its context cannot be taught to answer from image tokens either. So it trains
+on the instruction data's own conversations in the `bunny` chat template (``bunny.data.templates``),
+with ``<image>`` expanded to the slots the MLLM will fill: one per vision patch, each the sum of the
+embeddings of its cell's words (``slot_words``: object size/color/shape, background, place)::
 
-    <system> USER: There are two objects on a sand background: a large red circle at the top left
-    and ... \nWhat color is the circle?\nAnswer the question using a single word or phrase.
-    ASSISTANT: red<|endoftext|>USER: Where is ...? ASSISTANT: top left<|endoftext|>
+    <system> USER: [9 slots]\nWhat color is the circle?\nAnswer the question using a single word or
+    phrase. ASSISTANT: red<|endoftext|>USER: Where is ...? ASSISTANT: top left<|endoftext|>
 
 plus text-only conversations (arithmetic, repeating, reversing, translating) and `plain` pairs
-(description, then a caption), like stage 1. Only replies (and their end token) carry loss, as in
-stage 2; plain pairs carry loss on the caption. Stage 2 then only has to teach it to read the image
-tokens instead of the description.
+(slots, then a caption), like stage 1. Only replies (and their end token) carry loss, as in stage 2;
+plain pairs carry loss on the caption. Stage 1 then only has to teach the projector to write those
+slot vectors from the patch tokens.
 """
 
 from __future__ import annotations
@@ -28,17 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bunny.data.synthetic.instruct import IMAGE, conversation, text_conversation
+from bunny.data.synthetic.instruct import IMAGE, _pick, conversation, text_conversation
 from bunny.data.synthetic.scenes import Scene, caption, position_name, sample_scene
 
 # Single-turn kinds of image conversation and their weights (the rest is multi-turn, `multi_share`).
 SINGLE_KINDS = {"short": 0.3, "yesno": 0.3, "mc": 0.25, "describe": 0.1, "caption": 0.05}
-
-
-def _pick(rng: np.random.Generator, weights: dict[str, float]) -> str:
-    names = list(weights)
-    p = np.array([weights[n] for n in names], dtype=float)
-    return names[int(rng.choice(len(names), p=p / p.sum()))]
 
 
 @dataclass
@@ -142,9 +136,11 @@ class SlotCoder:
             slots = [[t for w in words for t in self.word_ids(w)] for words in slot_words(scene, self.side)]
         return out_ids, out_labels, slots
 
-    def collate(self, rows, max_len: int):
+    def collate(self, rows):
+        """Right-padded ``(ids, attention, labels, slot_ids)``; rows are never cut (``batches`` keeps
+        them within ``max_positions``), so every slot position gets its vector."""
         pad = self.tok.pad_token_id
-        width = min(max_len, max(len(r[0]) for r in rows))
+        width = max(len(r[0]) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         lab = torch.full((len(rows), width), -100, dtype=torch.long)
         att = torch.zeros((len(rows), width), dtype=torch.long)
@@ -180,7 +176,7 @@ def batches(coder: SlotCoder, rng: np.random.Generator, s: LMSettings, n_batches
             row = coder.encode(*lm_example(rng, s))
             if len(row[0]) <= s.max_positions:  # never cut into an image slot
                 rows.append(row)
-        yield coder.collate(rows, s.max_positions)
+        yield coder.collate(rows)
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -242,7 +238,7 @@ def probe(model, coder: SlotCoder, rng: np.random.Generator, n: int = 300) -> di
             continue
         suffix = SHORT_SUFFIX if fam in SHORT_FAMILIES or rng.random() < 0.5 else " Please answer yes or no."
         conv = [{"from": "human", "value": f"{IMAGE}\n{qa.question}{suffix}"}, {"from": "gpt", "value": qa.answer}]
-        ids, att, lab, slots = coder.collate([coder.encode(render_bunny(conv), scene)], 10_000)
+        ids, att, lab, slots = coder.collate([coder.encode(render_bunny(conv), scene)])
         logits = model(inputs_embeds=coder.embed(model, ids, slots), attention_mask=att).logits[0, :-1]
         tgt = lab[0, 1:]
         m = tgt != -100
@@ -256,7 +252,6 @@ def probe(model, coder: SlotCoder, rng: np.random.Generator, n: int = 300) -> di
 def train_language(tok, out_dir: str | Path, s: LMSettings, side: int = 3, log=print) -> dict:
     """Train the LM, save it (with ``tok``) to ``out_dir``; returns measured figures. ``side``: image
     tokens per side of the vision tower the LM will be paired with (its slot has ``side**2``)."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = build_model(tok, s)
     coder = SlotCoder(tok, side)
     n_params = sum(p.numel() for p in model.parameters())
