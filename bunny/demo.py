@@ -39,6 +39,7 @@ from bunny.backbones import BackboneSettings  # noqa: E402
 from bunny.backbones.language import LMSettings  # noqa: E402
 from bunny.curate.config import CurateConfig  # noqa: E402
 from bunny.data.synthetic.bench import TASKS  # noqa: E402
+from bunny.demo_probes import mean_gain  # noqa: E402
 
 ARMS = ("coreset", "raw_pool")
 
@@ -66,6 +67,7 @@ class WorldSection:
 class EvalSection:
     batch_size: int = 32
     max_new_tokens: int = 8  # every answer of the world is a word or two
+    caption_probe_images: int = 48  # held-out images the stage-1 model captions (probe ladder, rung d)
 
 
 def _demo_curate() -> CurateConfig:
@@ -209,9 +211,6 @@ def calibrated_threshold(vision_figures: dict) -> float:
     return round((dup_lo + altered) / 2 if dup_lo > altered else dup_mid, 5)
 
 
-def mean_gain(table: dict[str, dict]) -> float:
-    return round(sum(v["gain"] for v in table.values()) / len(table), 4)
-
 
 # --------------------------------------------------------------------------------------------- run
 def run_demo(cfg: DemoConfig, out: str | Path, cache: str | Path, quick: bool = False) -> dict:
@@ -222,6 +221,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, cache: str | Path, quick: bool = 
     from bunny.curate.embed import embed_pool
     from bunny.curate.pipeline import run_local
     from bunny.data.synthetic import generate_world
+    from bunny.demo_probes import caption_probe, compare_arms, ladder_lines, probe_ladder
     from bunny.demo_report import defect_funnel, write_report
 
     out = Path(out).resolve()
@@ -255,12 +255,15 @@ def run_demo(cfg: DemoConfig, out: str | Path, cache: str | Path, quick: bool = 
               f"of {defects['pool_defective']} kept")
 
     results: dict[str, dict] = {}
+    stage1_probe: dict[str, dict] = {}
     data = {"coreset": out / "curate" / "coreset.json", "raw_pool": world.pool_json}
     for arm in arms:
         prog.start(f"stage 1 ({arm})", f"projector on {data[arm].name}")
         s1 = train_stage("pretrain", cfg.stage1, output_dir=out / arm / "stage1", vision_tower=bb.vision,
                          language_model=bb.lm, data_path=data[arm], image_folder=world.images_dir)
-        prog.done()
+        stage1_probe[arm] = caption_probe(s1, n=cfg.eval.caption_probe_images)
+        prog.done(f"held-out captions: colour+shape {stage1_probe[arm]['color_shape']:.2f}, "
+                  f"place+shape {stage1_probe[arm]['shape_place']:.2f}, background {stage1_probe[arm]['background']:.2f}")
         prog.start(f"stage 2 ({arm})", f"{cfg.stage2.get('tune', 'lora')} on {world.instruct_json.name}")
         s2 = train_stage("finetune", cfg.stage2, output_dir=out / arm / "stage2", projector_from=s1.parent,
                          data_path=world.instruct_json, image_folder=world.images_dir)
@@ -271,6 +274,9 @@ def run_demo(cfg: DemoConfig, out: str | Path, cache: str | Path, quick: bool = 
         prog.done(f"mean normalised gain {mean_gain(results[arm]):.3f}")
 
     prog.start("report")
+    ladder = probe_ladder(bb.figures, stage1_probe, results)
+    for line in ladder_lines(ladder):
+        prog.note(line)
     summary: dict[str, Any] = {t: {k: results["coreset"][t][k] for k in ("score", "chance", "max")} for t in TASKS}
     summary.update({arm: {t: {k: results[arm][t][k] for k in ("score", "chance", "max")} for t in TASKS}
                     for arm in arms})
@@ -278,6 +284,12 @@ def run_demo(cfg: DemoConfig, out: str | Path, cache: str | Path, quick: bool = 
                        for arm in arms}
     summary["metric"] = {t: results["coreset"][t]["metric"] for t in TASKS}
     summary["curation"] = defects
+    summary["ladder"] = ladder
+    if len(arms) == 2:
+        summary["bootstrap"] = compare_arms(world, out, arms)
+        b = summary["bootstrap"]
+        prog.note(f"coreset - raw pool: {b['difference']:+.3f} mean gain, 95% interval [{b['ci95'][0]:+.3f}, "
+                  f"{b['ci95'][1]:+.3f}]")
     summary["backbones"] = {"cache": str(bb.root), "reused": bb.reused}
     summary["quick"] = quick
     summary["seconds"] = {**prog.times, "total": round(time.perf_counter() - prog.t0, 1)}

@@ -162,6 +162,20 @@ def write_report(out: Path, cfg, world, bb, funnel: dict, defects: dict, results
               + (f" vs {gains['raw_pool']['mean']:.3f} (raw pool, same steps)" if "raw_pool" in gains else "")
               + f".** Total time {summary['seconds']['total']:.0f} s, peak memory {summary['peak_rss_mb']:.0f} MiB.", ""]
 
+    if "bootstrap" in summary:
+        b = summary["bootstrap"]
+        lines += [f"Coreset minus raw pool: **{b['difference']:+.3f}** mean normalised gain, 95% interval "
+                  f"[{b['ci95'][0]:+.3f}, {b['ci95'][1]:+.3f}] over questions ({b['method']}, {b['rounds']} rounds).", ""]
+    if "ladder" in summary:
+        from bunny.demo_probes import ladder_lines
+
+        lines += ["## Probe ladder: each link of the chain, measured", "",
+                  "(a) the vision tower's features carry the scene facts (linear heads, held-out scenes); (b) the "
+                  "SigLIP embeddings curation uses tell captions and scenes apart; (c) the LM answers held-out "
+                  "questions from ideal image slots; (d) after stage 1, the MLLM's captions of held-out images, read "
+                  "back fact by fact (chance: colour+shape about 0.04, background 0.25); (e) the benchmarks.", ""]
+        lines += [f"- {line}" for line in ladder_lines(summary["ladder"])] + [""]
+
     lines += ["## Benchmarks", "", "| task | metric | chance | max | " + " | ".join(
         f"{a.replace('_', ' ')} score | gain" for a in arms) + " |", "|---|---|---:|---:|" + "---:|---:|" * len(arms)]
     for t in TASKS:
