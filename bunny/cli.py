@@ -14,6 +14,7 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "demo": ("bunny.demo", "the whole recipe on the synthetic world, nothing downloaded"),
     "synth": ("bunny.data.synth_cli", "write the synthetic visual world to disk"),
+    "backbones": ("bunny.backbones.cli", "train the demo's small backbones (the shipped set)"),
     "curate": ("bunny.curate.cli", "condense an image-text pool into a coreset"),
     "train": ("bunny.train.cli", "run one training stage from a YAML config"),
     "eval": ("bunny.eval.cli_eval", "generate answers on benchmarks and score them"),

@@ -15,6 +15,8 @@ import pytest
 from bunny.data.synthetic.bench import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
+# The time target is for the 2-core machine alone; a shared CI box may set BUNNY_DEMO_SLOWDOWN.
+SLOWDOWN = float(os.environ.get("BUNNY_DEMO_SLOWDOWN", "1.0"))
 
 
 def test_yaml_presets_are_the_built_in_ones():
@@ -66,9 +68,9 @@ def test_quick_demo_scores_every_benchmark_consistently(quick_demo):
         assert summary["gain"][arm]["mean"] == pytest.approx(mean, abs=1e-3)
 
 
-@pytest.mark.xfail(strict=False, reason="issue #7's accuracy targets are not reached yet: the small LM does not "
-                   "learn question-dependent lookup in the image tokens within the CPU budget (docs/demo.md)")
 def test_quick_demo_reaches_its_accuracy_targets(quick_demo):
+    """The issue's `--quick` targets: mean normalised gain >= 0.3, every task above chance, the coreset
+    arm at least the raw pool's, and the recipe's phases (all but the backbones) within 8 minutes."""
     out, proc, _ = quick_demo
     summary = json.loads((out / "summary.json").read_text())
     gains = {}
@@ -76,8 +78,29 @@ def test_quick_demo_reaches_its_accuracy_targets(quick_demo):
         s = summary[task]
         gains[task] = (s["score"] - s["chance"]) / (s["max"] - s["chance"])
         assert s["score"] > s["chance"], f"{task} at or below chance: {s}"
-    assert sum(gains.values()) / len(gains) >= 0.25, gains
-    assert summary["gain"]["coreset"]["mean"] >= summary["gain"]["raw_pool"]["mean"]
+    assert sum(gains.values()) / len(gains) >= 0.3, gains
+    assert summary["gain"]["coreset"]["mean"] >= summary["gain"]["raw_pool"]["mean"], summary["gain"]
+    recipe = sum(v for k, v in summary["seconds"].items() if k not in ("backbones", "total"))
+    assert recipe <= 8 * 60 * SLOWDOWN, summary["seconds"]
+
+
+def test_quick_demo_probe_ladder(quick_demo):
+    """Every rung of the ladder was measured and is above its chance level: the vision features carry
+    the facts, the LM answers from ideal slots, stage 1 grounds (held-out captions name the right
+    colour+shape pairs far above the 1/24 of guessing), and the interval of the arms' difference is there."""
+    out, proc, _ = quick_demo
+    summary = json.loads((out / "summary.json").read_text())
+    ladder = summary["ladder"]
+    assert ladder["a_vision_facts"]["color"] > 0.9 and ladder["a_vision_facts"]["shape"] > 0.9
+    assert ladder["c_lm_ideal_input"]["mean"] > 0.6
+    for arm in ("coreset", "raw_pool"):
+        assert ladder["d_stage1_captions"][arm]["color_shape"] > 0.2, ladder["d_stage1_captions"]
+        assert ladder["d_stage1_captions"][arm]["background"] > 0.5
+    b = summary["bootstrap"]
+    assert b["ci95"][0] <= b["difference"] <= b["ci95"][1]
+    report = (out / "report.md").read_text()
+    assert "Probe ladder" in report and "95% interval" in report
+    assert "(d) stage-1 captions, coreset" in proc.stdout
 
 
 def test_quick_demo_report_and_progress(quick_demo):

@@ -12,7 +12,9 @@
 The recipe then uses them through exactly the code path that takes the real checkpoints. They are
 cached under ``cache_dir/<key>/``, the key hashing the settings and ``FORMAT_VERSION``: a second
 call with the same settings returns at once (``Backbones.reused``). ``backbones.json`` beside them
-records the measured figures (time, losses, held-out probes).
+records the measured figures (time, losses, held-out probes). The default settings' set is shipped in
+the repository (``bunny/backbones/shipped/<key>/``, made by ``bunny backbones``; ``ship.py``), so a
+fresh clone's demo starts from it instead of training for minutes.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class Backbones:
     figures: dict
     reused: bool = False
 
+    shipped: bool = False
+
     @property
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
@@ -107,14 +111,16 @@ def build_backbones(cache_dir: str | Path, settings: BackboneSettings | None = N
                     log: Callable[[str], None] | None = print, force: bool = False) -> Backbones:
     """Train (or reuse from ``cache_dir``) the tokenizer, the SigLIP-style model and the LM."""
     from bunny.backbones.language import train_language
+    from bunny.backbones.ship import FINGERPRINT_STEP, SHIPPED_DIR, file_hashes
     from bunny.backbones.tokenizer import train_tokenizer, wrap
     from bunny.backbones.vision import train_vision
 
     s = settings or BackboneSettings()
     root = Path(cache_dir) / s.key()
-    meta = root / "backbones.json"
-    if meta.is_file() and not force:
-        return Backbones(root, s, json.loads(meta.read_text())["figures"], reused=True)
+    for where, shipped in ((root, False), (SHIPPED_DIR / s.key(), True)):
+        meta = where / "backbones.json"
+        if meta.is_file() and not force:
+            return Backbones(where, s, json.loads(meta.read_text())["figures"], reused=True, shipped=shipped)
     log = log or (lambda _msg: None)
     figures: dict = {}
     work = _atomic_dir(root)
@@ -127,7 +133,9 @@ def build_backbones(cache_dir: str | Path, settings: BackboneSettings | None = N
         log(f"  tokenizer: {len(tok)} tokens ({figures['tokenizer']['seconds']} s)")
         figures["vision"] = train_vision(tok, work / "siglip", s.vision, log=log)
         figures["lm"] = train_language(tok, work / "lm", s.lm, side=s.vision.image_size // s.vision.patch_size, log=log)
-        (work / "backbones.json").write_text(json.dumps({"settings": asdict(s), "figures": figures}, indent=1))
+        (work / "backbones.json").write_text(json.dumps({
+            "settings": asdict(s), "key": s.key(), "figures": figures, "fingerprint_step": FINGERPRINT_STEP,
+            "files": file_hashes(work)}, indent=1))
         if root.exists():
             shutil.rmtree(root)
         work.rename(root)

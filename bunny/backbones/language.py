@@ -55,6 +55,7 @@ class LMSettings:
     embed_init_std: float = 0.2  # 10x Phi's 0.02: measured to start reading the image slot ~2x sooner
     multi_share: float = 0.7  # image conversations with several question/answer turns
     probe_questions: int = 300  # held-out questions of the final probe
+    lookup_aux: float = 1.0  # weight of the lookup-supervision loss (0: off), see lookup_loss
     seed: int = 0
 
 
@@ -136,6 +137,44 @@ class SlotCoder:
             slots = [[t for w in words for t in self.word_ids(w)] for words in slot_words(scene, self.side)]
         return out_ids, out_labels, slots
 
+    def fact_words(self) -> dict[int, str]:
+        """Token id -> the fact it names, for the words a question names facts with (colours, shapes
+        and their plurals, sizes, places)."""
+        if not hasattr(self, "_facts"):
+            from bunny.data.synthetic.scenes import COLOR_NAMES, SHAPES, SIZES
+
+            words = {w: w for w in (*COLOR_NAMES, *SHAPES, *SIZES, "top", "bottom", "left", "right", "center")}
+            words.update({w + "s": w for w in SHAPES})
+            self._facts = {ids[0]: fact for w, fact in words.items() if len(ids := self.word_ids(w)) == 1}
+        return self._facts
+
+    def lookup_targets(self, ids: list[int], labels: list[int], scene) -> list[tuple[int, int, list[int]]]:
+        """What :func:`lookup_loss` supervises, as ``(hop, query position, key positions)``: hop 1, each
+        fact word of a question -> the image slots whose cell has that fact (``"circle"`` -> the
+        circles' slots); hop 2, the position that predicts a reply -> the question's fact words."""
+        if scene is None or self.image_id not in ids:
+            return []
+        cells = [set(w) for w in slot_words(scene, self.side)]
+        first = ids.index(self.image_id)
+        facts = self.fact_words()
+        out: list[tuple[int, int, list[int]]] = []
+        seg, i, n = first + len(cells), 0, len(ids)
+        while i < n:
+            if labels[i] == -100 or (i and labels[i - 1] != -100):
+                i += 1
+                continue
+            words = [p for p in range(seg, i) if ids[p] in facts]
+            for p in words:
+                slots = [first + k for k, c in enumerate(cells) if facts[ids[p]] in c]
+                if slots:
+                    out.append((1, p, slots))
+            if words:
+                out.append((2, i - 1, words))
+            while i < n and labels[i] != -100:
+                i += 1
+            seg = i
+        return out
+
     def collate(self, rows):
         """Right-padded ``(ids, attention, labels, slot_ids)``; rows are never cut (``batches`` keeps
         them within ``max_positions``), so every slot position gets its vector."""
@@ -170,13 +209,34 @@ class SlotCoder:
 
 
 def batches(coder: SlotCoder, rng: np.random.Generator, s: LMSettings, n_batches: int):
+    """``(ids, attention, labels, slot_ids, lookup targets per row)`` batches of fresh examples."""
     for _ in range(n_batches):
-        rows = []
+        rows, targets = [], []
         while len(rows) < s.batch_size:
-            row = coder.encode(*lm_example(rng, s))
+            pieces, scene = lm_example(rng, s)
+            row = coder.encode(pieces, scene)
             if len(row[0]) <= s.max_positions:  # never cut into an image slot
                 rows.append(row)
-        yield coder.collate(rows)
+                targets.append(coder.lookup_targets(row[0], row[1], scene) if s.lookup_aux else [])
+        yield (*coder.collate(rows), targets)
+
+
+def lookup_loss(attentions, targets) -> torch.Tensor | None:
+    """Supervise the two hops of a question about the image (the demo's measured wall: a from-scratch LM
+    does not find question-dependent lookup in the image slots by itself within a CPU's steps; with
+    the answer position supervised to attend to the right slot it still plateaus near 0.6, because its
+    query must first gather the question's words: docs/demo.md).
+
+    Hop 1, head 0 of the first layer: each fact word of a question attends to the image slots that
+    have that fact ("circle" -> the circles), a match of the word with itself that one layer learns at
+    once. Hop 2, head 0 of the last layer: the position that predicts the reply attends to the
+    question's fact words, where hop 1 left what the slots hold. ``-log`` of the attention mass on
+    the targets, averaged; the reply itself is never a target, so this teaches where to look, not
+    what to answer."""
+    layer = {1: attentions[0], 2: attentions[-1]}
+    terms = [-torch.log(layer[hop][b, 0, q, keys].sum() + 1e-6)
+             for b, rows in enumerate(targets) for hop, q, keys in rows]
+    return torch.stack(terms).mean() if terms else None
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -200,6 +260,8 @@ def build_model(tok, s: LMSettings):
     )
     torch.manual_seed(s.seed)
     model = PhiForCausalLM(cfg)
+    if s.lookup_aux:  # attention weights are needed for lookup_loss
+        model.set_attn_implementation("eager")
     with torch.no_grad():  # tied: the output layer shares it
         model.get_input_embeddings().weight.normal_(0.0, s.embed_init_std)
     return model
@@ -249,9 +311,14 @@ def probe(model, coder: SlotCoder, rng: np.random.Generator, n: int = 300) -> di
     return acc
 
 
-def train_language(tok, out_dir: str | Path, s: LMSettings, side: int = 3, log=print) -> dict:
+def train_language(tok, out_dir: str | Path | None, s: LMSettings, side: int = 3, log=print,
+                   stop_after: int | None = None) -> dict:
     """Train the LM, save it (with ``tok``) to ``out_dir``; returns measured figures. ``side``: image
-    tokens per side of the vision tower the LM will be paired with (its slot has ``side**2``)."""
+    tokens per side of the vision tower the LM will be paired with (its slot has ``side**2``).
+    ``stop_after``: stop after that many steps and return only the fingerprint (``bunny backbones
+    --check``), saving nothing."""
+    from bunny.backbones.ship import FINGERPRINT_STEP, fingerprint
+
     model = build_model(tok, s)
     coder = SlotCoder(tok, side)
     n_params = sum(p.numel() for p in model.parameters())
@@ -262,23 +329,35 @@ def train_language(tok, out_dir: str | Path, s: LMSettings, side: int = 3, log=p
     rng = np.random.default_rng(s.seed)
     use_bf16 = cpu_has_bf16() if s.bf16 is None else s.bf16
     t0 = time.perf_counter()
-    losses = []
+    losses, fp = [], {}
     model.train()
-    for step, (ids, att, lab, slots) in enumerate(batches(coder, rng, s, s.steps)):
+    for step, (ids, att, lab, slots, targets) in enumerate(batches(coder, rng, s, s.steps)):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, s)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            loss = model(inputs_embeds=coder.embed(model, ids, slots), attention_mask=att, labels=lab).loss
-        loss.backward()
+            out = model(inputs_embeds=coder.embed(model, ids, slots), attention_mask=att, labels=lab,
+                        output_attentions=bool(s.lookup_aux))
+        loss = out.loss
+        aux = lookup_loss(out.attentions, targets) if s.lookup_aux else None
+        if aux is not None:
+            (loss + s.lookup_aux * aux).backward()
+        else:
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if step + 1 == FINGERPRINT_STEP:
+            fp = fingerprint(model)
+        if stop_after is not None and step + 1 >= stop_after:
+            return {"fingerprint": fingerprint(model)}
         if log and (step % 50 == 0 or step == s.steps - 1):
-            log(f"  lm step {step:4d}/{s.steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
+            aux_text = f" lookup {aux.item():.3f}" if aux is not None else ""
+            log(f"  lm step {step:4d}/{s.steps} loss {loss.item():.3f}{aux_text} ({time.perf_counter() - t0:.0f} s)")
     seconds = time.perf_counter() - t0
     acc = probe(model, coder, np.random.default_rng(s.seed + 10_000), n=s.probe_questions)
     out = Path(out_dir)
+    model.set_attn_implementation("sdpa")  # the supervision needed eager attention; users get the default
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
@@ -291,5 +370,6 @@ def train_language(tok, out_dir: str | Path, s: LMSettings, side: int = 3, log=p
         "losses": [round(x, 4) for x in losses],
         "probe": {k: round(v, 3) for k, v in acc.items()},
         "bf16": use_bf16,
+        "fingerprint": fp,
         "settings": asdict(s),
     }
