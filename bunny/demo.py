@@ -96,12 +96,9 @@ class DemoConfig:
 
 
 def quick_config() -> DemoConfig:
-    """``--quick``: the same pipeline, smaller numbers."""
-    from bunny.backbones.vision import VisionSettings
-
+    """``--quick``: the same pipeline and the same (shipped) backbones, smaller numbers."""
     cfg = DemoConfig()
     cfg.world = WorldSection(n_images=1500, n_instruct=1500, bench_size=100)
-    cfg.backbones = BackboneSettings(vision=VisionSettings(steps=120), lm=LMSettings(steps=350))
     cfg.stage1 = {**cfg.stage1, "max_steps": 50}
     cfg.stage2 = {**cfg.stage2, "max_steps": 250}
     return cfg

@@ -160,3 +160,67 @@ def test_lm_image_slot_holds_each_cells_words(backbones):
         assert torch.allclose(emb[0, at[k]], want, atol=1e-5)
     assert torch.equal(emb[0, : at[0]], table[batch_ids[0, : at[0]]])  # the text around stays itself
 
+
+
+def test_lookup_targets_point_question_words_at_their_slots_and_the_reply_at_the_words(backbones):
+    """The supervised hops: "circle" -> the circle's slot, "left" -> the left column's slots, the position
+    that predicts the reply -> the question's fact words; in a multiple-choice question, each option's
+    last word -> its letter and the reply position -> the right option. Never the reply itself."""
+    from transformers import AutoTokenizer
+
+    from bunny.backbones.language import SlotCoder, render_bunny
+    from bunny.data.synthetic.scenes import Obj, Scene
+
+    scene = Scene("snow", (Obj("circle", "red", "large", 0, 0), Obj("square", "blue", "small", 2, 1)), 3)
+    tok = AutoTokenizer.from_pretrained(backbones.lm)
+    coder = SlotCoder(tok, 3)
+    conv = [{"from": "human", "value": "<image>\nWhat color is the circle at the left?"}, {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "How many objects are there?"}, {"from": "gpt", "value": "two"},
+            {"from": "human", "value": "Where is the square?\nA. top left\nB. bottom\nAnswer with the option's letter."},
+            {"from": "gpt", "value": "B"}]
+    ids, labels, _ = coder.encode(render_bunny(conv), scene)
+    first = ids.index(coder.image_id)
+    targets = coder.lookup_targets(ids, labels, scene)
+
+    def show(keys):
+        return [k - first if ids[k] == coder.image_id else tok.decode([ids[k]]).strip() for k in keys]
+
+    words = [(tok.decode([ids[q]]).strip(), sorted(show(keys))) for layer, head, q, keys in targets if (layer, head) == (0, 0)]
+    assert words[:2] == [("circle", [0]), ("left", [0, 3, 6])]
+    assert ("square", [7]) in words and ("bottom", [6, 7, 8]) in words
+    letters = [(tok.decode([ids[q]]).strip(), show(keys)) for layer, head, q, keys in targets if (layer, head) == (0, 1)]
+    assert letters == [("left", ["A"]), ("bottom", ["B"])]
+    reads = [(q, show(keys)) for layer, head, q, keys in targets if layer == 1]
+    assert [r[1] for r in reads] == [["circle", "left"], ["square"]]  # the count question names no fact
+    for q, _ in reads:
+        assert labels[q] == -100 and labels[q + 1] != -100  # q predicts the first reply token
+    (choose,) = [(q, show(keys)) for layer, head, q, keys in targets if layer == -1]
+    assert choose[1] == ["bottom"] and choose[0] == reads[1][0]
+    assert coder.lookup_targets(ids, labels, None) == []
+
+
+def test_lookup_loss_is_low_when_attention_is_on_the_targets():
+    from bunny.backbones.language import lookup_loss
+
+    att = torch.full((1, 2, 6, 6), 1 / 6)
+    targets = [[(0, 0, 4, [1, 2]), (-1, 1, 5, [4])]]
+    uniform = lookup_loss((att, att.clone()), targets)
+    focused = att.clone()
+    focused[0, 0, 4] = torch.tensor([0, 0.5, 0.5, 0, 0, 0])
+    sharp = att.clone()
+    sharp[0, 1, 5] = torch.tensor([0, 0, 0, 0, 1.0, 0])
+    assert lookup_loss((focused, sharp), targets) < 1e-4 < uniform
+    assert lookup_loss((att, att), [[]]) is None
+
+
+def test_shipped_backbones_are_intact_and_still_made_by_the_command():
+    """`bunny backbones --check`: the shipped files match their manifest, the tokenizer retrains to the
+    same vocabulary and the first steps of each model's training reproduce the shipped fingerprints."""
+    from bunny.backbones.cli import settings_from
+    from bunny.backbones.ship import SHIPPED_DIR, check_shipped
+
+    settings = settings_from([])
+    assert (SHIPPED_DIR / settings.key() / "backbones.json").is_file(), "the demo's default set is shipped"
+    assert check_shipped(settings, log=None) == []
+    size = sum(p.stat().st_size for p in (SHIPPED_DIR / settings.key()).rglob("*") if p.is_file())
+    assert size < 10 * 2**20

@@ -115,6 +115,7 @@ class SlotCoder:
         self.tok, self.side = tok, side
         self.image_id = tok.convert_tokens_to_ids(IMAGE)
         self._word_ids: dict[str, list[int]] = {}
+        self._pieces: dict[int, str] = {}
 
     def word_ids(self, word: str) -> list[int]:
         if word not in self._word_ids:
@@ -148,31 +149,66 @@ class SlotCoder:
             self._facts = {ids[0]: fact for w, fact in words.items() if len(ids := self.word_ids(w)) == 1}
         return self._facts
 
-    def lookup_targets(self, ids: list[int], labels: list[int], scene) -> list[tuple[int, int, list[int]]]:
-        """What :func:`lookup_loss` supervises, as ``(hop, query position, key positions)``: hop 1, each
-        fact word of a question -> the image slots whose cell has that fact (``"circle"`` -> the
-        circles' slots); hop 2, the position that predicts a reply -> the question's fact words."""
+    def piece(self, token_id: int) -> str:
+        if token_id not in self._pieces:
+            self._pieces[token_id] = self.tok.decode([token_id])
+        return self._pieces[token_id]
+
+    def options(self, ids: list[int], start: int, end: int) -> dict[str, tuple[int, int]]:
+        """Multiple-choice options between ``start`` and ``end``: letter -> (position of the letter,
+        position of the last token of its text, which alone has seen all of it), for the ``A. red``
+        and ``(A) red`` layouts."""
+        out = {}
+        for p in range(max(start, 1), end - 2):
+            letter = self.piece(ids[p])
+            if len(letter) == 1 and letter in "ABCDEFGH" and self.piece(ids[p + 1]) in (".", ")") \
+                    and self.piece(ids[p - 1]) in ("\n", "("):
+                last = p + 2
+                while last + 1 < end and "\n" not in self.piece(ids[last + 1]):
+                    last += 1
+                out[letter] = (p, last)
+        return out
+
+    def lookup_targets(self, ids: list[int], labels: list[int], scene) -> list[tuple[int, int, int, list[int]]]:
+        """What :func:`lookup_loss` supervises, as ``(layer, head, query position, key positions)``:
+
+        - layer 0, head 0: each fact word of a question -> the image slots whose cell has that fact
+          (``"circle"`` -> the circles' slots);
+        - layer 0, head 1: the last word of a multiple-choice option -> its letter;
+        - layer 1, head 0: the position that predicts a reply -> the question's fact words (the
+          options' words left out);
+        - last layer, head 0, multiple choice only: that position -> the last word of the right option.
+        """
         if scene is None or self.image_id not in ids:
             return []
         cells = [set(w) for w in slot_words(scene, self.side)]
         first = ids.index(self.image_id)
         facts = self.fact_words()
-        out: list[tuple[int, int, list[int]]] = []
+        out: list[tuple[int, int, int, list[int]]] = []
         seg, i, n = first + len(cells), 0, len(ids)
         while i < n:
             if labels[i] == -100 or (i and labels[i - 1] != -100):
                 i += 1
                 continue
-            words = [p for p in range(seg, i) if ids[p] in facts]
-            for p in words:
-                slots = [first + k for k, c in enumerate(cells) if facts[ids[p]] in c]
-                if slots:
-                    out.append((1, p, slots))
+            j = i
+            while j < n and labels[j] != -100:
+                j += 1
+            opts = self.options(ids, seg, i)
+            question_end = min((lp for lp, _ in opts.values()), default=i)
+            for p in range(seg, i):
+                if ids[p] in facts:
+                    slots = [first + k for k, c in enumerate(cells) if facts[ids[p]] in c]
+                    if slots:
+                        out.append((0, 0, p, slots))
+            for letter_pos, text_pos in opts.values():
+                out.append((0, 1, text_pos, [letter_pos]))
+            words = [p for p in range(seg, question_end) if ids[p] in facts]
             if words:
-                out.append((2, i - 1, words))
-            while i < n and labels[i] != -100:
-                i += 1
-            seg = i
+                out.append((1, 0, i - 1, words))
+            reply = self.tok.decode([t for t in ids[i:j] if t != self.tok.eos_token_id]).strip()
+            if reply in opts:
+                out.append((-1, 0, i - 1, [opts[reply][1]]))
+            seg = i = j
         return out
 
     def collate(self, rows):
@@ -222,20 +258,20 @@ def batches(coder: SlotCoder, rng: np.random.Generator, s: LMSettings, n_batches
 
 
 def lookup_loss(attentions, targets) -> torch.Tensor | None:
-    """Supervise the two hops of a question about the image (the demo's measured wall: a from-scratch LM
+    """Supervise the hops of a question about the image (the demo's measured wall: a from-scratch LM
     does not find question-dependent lookup in the image slots by itself within a CPU's steps; with
-    the answer position supervised to attend to the right slot it still plateaus near 0.6, because its
-    query must first gather the question's words: docs/demo.md).
+    only the answer position supervised to attend to the right slot it still plateaus near 0.6,
+    because its query must first gather the question's words: docs/demo.md).
 
-    Hop 1, head 0 of the first layer: each fact word of a question attends to the image slots that
-    have that fact ("circle" -> the circles), a match of the word with itself that one layer learns at
-    once. Hop 2, head 0 of the last layer: the position that predicts the reply attends to the
-    question's fact words, where hop 1 left what the slots hold. ``-log`` of the attention mass on
-    the targets, averaged; the reply itself is never a target, so this teaches where to look, not
-    what to answer."""
-    layer = {1: attentions[0], 2: attentions[-1]}
-    terms = [-torch.log(layer[hop][b, 0, q, keys].sum() + 1e-6)
-             for b, rows in enumerate(targets) for hop, q, keys in rows]
+    First layer: each fact word of a question attends to the image slots that have that fact (a word
+    matching itself, learned at once), and each option's last word to its letter. Second layer: the
+    position that predicts the reply attends to the question's fact words, where the first layer
+    left what the slots hold. Last layer, multiple choice: that position attends to the right option's
+    last word, where its letter was left. ``-log`` of the attention mass on the targets
+    (``SlotCoder.lookup_targets``), averaged. The reply itself is never a target: this teaches where to
+    look, not what to answer."""
+    terms = [-torch.log(attentions[layer][b, head, q, keys].sum() + 1e-6)
+             for b, rows in enumerate(targets) for layer, head, q, keys in rows]
     return torch.stack(terms).mean() if terms else None
 
 
