@@ -13,7 +13,18 @@ import torch
 
 from bunny.backbones import BackboneSettings, build_backbones, corpus
 from bunny.backbones.language import LMSettings
-from bunny.backbones.vision import VisionSettings, batch, build_model, sigmoid_loss
+from bunny.backbones.vision import (
+    FactHeads,
+    VisionSettings,
+    _auc,
+    batch,
+    batch_views,
+    build_model,
+    cell_targets,
+    copy_loss,
+    fact_loss,
+    sigmoid_loss,
+)
 from bunny.data.synthetic.scenes import render, sample_scene
 
 TINY = BackboneSettings(
@@ -91,6 +102,11 @@ def test_training_figures_are_recorded_and_losses_fall(backbones):
     assert lm["loss_last"] < lm["loss_first"]
     assert set(lm["probe"]) >= {"color", "count", "mean"} and 0 <= lm["probe"]["mean"] <= 1
     assert len(v["losses"]) == TINY.vision.steps and len(lm["losses"]) == TINY.lm.steps
+    # the probe ladder's curation rung: every figure the demo's calibration and report read
+    for k in ("retrieval_top1", "pair_auc", "blank_auc", "match_auc", "attr_shape", "attr_color"):
+        assert 0.0 <= v[k] <= 1.0, k
+    assert v["dup_cos_p5"] <= v["dup_cos_p10"] <= v["dup_cos_p50"] <= 1.0 + 1e-6
+    assert v["cpu_seconds"] > 0 and v["threads"] >= 1
 
 
 def test_second_build_is_a_cache_hit_and_other_settings_are_not(backbones, tmp_path):
@@ -224,3 +240,43 @@ def test_shipped_backbones_are_intact_and_still_made_by_the_command():
     assert check_shipped(settings, log=None) == []
     size = sum(p.stat().st_size for p in (SHIPPED_DIR / settings.key()).rglob("*") if p.is_file())
     assert size < 10 * 2**20
+
+
+def test_auc_is_the_mann_whitney_statistic():
+    pos, neg = torch.tensor([0.9, 0.8, 0.3]), torch.tensor([0.7, 0.3, 0.1, 0.0])
+    brute = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+    assert _auc(pos, neg) == pytest.approx(float(brute))
+    assert _auc(torch.tensor([2.0]), torch.tensor([1.0, 0.0])) == 1.0
+
+
+def test_copies_are_crawler_copies_and_the_copy_loss_prefers_them(backbones):
+    """``batch_views`` gives each image a re-encoded copy (1 px shift, brightness, JPEG): close to its
+    own image in pixels, far from the others; the copy loss is low when copies embed like originals."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(backbones.tokenizer)
+    s = VisionSettings(**{**_as_dict(TINY.vision), "batch_size": 8, "hard_negative_share": 0.5})
+    pixels, copies, ids, tgt, caps = batch_views(tok, np.random.default_rng(0), s)
+    assert pixels.shape == copies.shape == (8, 3, 48, 48) and ids.shape[0] == len(caps) == 8
+    own = (pixels - copies).abs().mean((1, 2, 3))
+    other = (pixels - copies.roll(1, 0)).abs().mean((1, 2, 3))
+    assert (own < other).all()
+    assert batch_views(tok, np.random.default_rng(0), VisionSettings(**{**_as_dict(s), "copy_weight": 0.0}))[1] is None
+    e = torch.randn(8, 16)
+    assert copy_loss(e, e + 0.01 * torch.randn(8, 16), 0.05) < 0.1 < copy_loss(e, torch.randn(8, 16), 0.05)
+
+
+def test_fact_heads_read_both_towers_with_one_set_of_weights():
+    """One head reads the scene's facts from the image and the caption embedding: the same directions in
+    both, which is what aligns the towers early. A head fitted to one embedding scores the other."""
+    from bunny.data.synthetic.scenes import sample_scene as draw
+
+    rng = np.random.default_rng(0)
+    tgt = cell_targets([draw(rng) for _ in range(4)], 3)
+    heads = FactHeads(16, 3)
+    emb = torch.randn(4, 16, requires_grad=True)
+    loss = fact_loss(heads, emb, tgt)
+    loss.backward()
+    assert emb.grad.abs().sum() > 0 and heads.cells.weight.grad.abs().sum() > 0
+    pred = heads(emb.detach())
+    assert pred["shape"].shape == (4, 9, 5) and pred["color"].shape == (4, 9, 7) and pred["background"].shape == (4, 4)

@@ -62,7 +62,7 @@ def test_embeddings_are_the_models_batched_and_sharded(world, tmp_path, kind):
     assert [s.rows for s in layout.shards] == [10, 10, 3] and layout.dim == 32
     meta = pq.read_table(out / "metadata" / "metadata_1.parquet").to_pylist()
     assert meta[0] == {"key": "s010", "caption": pool[10]["conversations"][1]["value"], "image": "010.png",
-                       "width": 48, "height": 32}
+                       "width": 48, "height": 32, "bytes": (root / "images" / "010.png").stat().st_size}
     # row r of shard 1 is sample 10 + r, embedded alone by the model itself
     model = AutoModel.from_pretrained(models[kind]).eval()
     proc, tok = AutoImageProcessor.from_pretrained(models[kind]), AutoTokenizer.from_pretrained(models[kind])
@@ -163,3 +163,29 @@ def test_pool_mode_cli_writes_a_valid_llava_coreset(world, tmp_path, capsys):
     report = validate(samples, image_folder=root / "images", read_issues=issues)
     assert not report.issues and len(report.samples) == 10
     assert (out / "embeddings" / "embed.json").is_file() and (out / "funnel.png").is_file()
+
+
+def test_keep_largest_keeps_the_biggest_copy_of_a_duplicate_group(world, tmp_path):
+    """Two files of one picture (same pixels, so the same embedding) at different compression: the
+    larger file stays whichever comes first; without the `bytes` column the rule is a clear error."""
+    root, pool, models = world
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, p in enumerate(pool):
+        img = load_image(root / "images" / p["image"])
+        # sample 21 repeats scene 1 (larger file), sample 22 repeats scene 2 (smaller file)
+        level = {21: 0, 1: 9, 22: 9, 2: 0}.get(i, 6)
+        img.save(images / p["image"], compress_level=level)
+    sizes = {i: (images / pool[i]["image"]).stat().st_size for i in (1, 2, 21, 22)}
+    assert sizes[21] > sizes[1] and sizes[2] > sizes[22]
+    res = run_curation({"clusters": 2, "dedup_threshold": 0.9999, "keep": "largest", "image_text_band": [0, 1],
+                        "centroid_band": [0, 1]}, out=tmp_path / "o", pool=root / "pool.json", image_folder=images,
+                       model=models["siglip"])
+    dropped = pq.read_table(res.out / "dropped.parquet").to_pandas()
+    dups = dict(zip(dropped[dropped.step == "dedup"].key, dropped[dropped.step == "dedup"].duplicate_of))
+    assert dups == {"s001": "s021", "s022": "s002"}
+    emb = tmp_path / "o" / "embeddings"
+    for f in (emb / "metadata").iterdir():  # as if embedded by a tool that does not record file sizes
+        pq.write_table(pq.read_table(f).drop_columns(["bytes"]), f)
+    with pytest.raises(CurateError, match="keep=largest needs a `bytes` column"):
+        run_curation({"clusters": 2, "keep": "largest"}, out=tmp_path / "o2", embeddings=emb)

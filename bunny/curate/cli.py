@@ -18,7 +18,7 @@ coreset.json (LLaVA `plain` samples, when image paths are known), funnel.json an
 
 config keys (defaults are the paper's where it gives them): clusters=100, coarse_clusters=0,
 kmeans_train_size=100000, kmeans_iters=20, kmeans_rounds=1, dedup_threshold=0.86 (null: off),
-keep=median|nearest|farthest|random, block_size=2048, dedup_matmul=auto|float32|bf16,
+keep=median|nearest|farthest|random|largest, block_size=2048, dedup_matmul=auto|float32|bf16,
 image_text_band=[0.4,0.6], centroid_band=[0.15,0.35] ([0,1]: off), sample=null, seed=0,
 min_caption_words=0, min_caption_chars=0, min_image_side=0, max_aspect_ratio=null,
 embed_batch_size=32, shard_size=10000, image_mode=square|pad, bad_images=error|drop, device=cpu,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-KEEP_RULES = ("median", "nearest", "farthest", "random")
+KEEP_RULES = ("median", "nearest", "farthest", "random", "largest")
 
 
 @dataclass
@@ -38,7 +38,9 @@ class CurateConfig:
 
     # step 3: near-duplicate removal inside each cluster
     dedup_threshold: float | None = 0.86  # cosine above which two samples are duplicates; null: no dedup
-    keep: Literal["median", "nearest", "farthest", "random"] = "median"
+    # which member of a duplicate group stays; ``largest``: the biggest image file (metadata column
+    # ``bytes``, written by pool-mode embedding): a mirror's copy is re-encoded, mostly smaller
+    keep: Literal["median", "nearest", "farthest", "random", "largest"] = "median"
     block_size: int = 2048  # rows per similarity block: at most block_size^2 similarities at once
     dedup_matmul: Literal["auto", "float32", "bf16"] = "auto"  # product that proposes pairs (same result)
     spill_partition_mb: float = 256  # target size of one on-disk partition of normalised embeddings

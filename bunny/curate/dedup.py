@@ -174,7 +174,7 @@ def pick_members(label: np.ndarray, gidx: np.ndarray, cent_sim: np.ndarray, keep
     sizes = np.diff(np.r_[starts, m])
     if keep == "median":
         pick = starts + (sizes - 1) // 2
-    elif keep == "nearest":
+    elif keep in ("nearest", "largest"):  # largest: the caller passes file sizes as the score
         pick = starts
     elif keep == "farthest":
         pick = starts + sizes - 1
@@ -183,7 +183,7 @@ def pick_members(label: np.ndarray, gidx: np.ndarray, cent_sim: np.ndarray, keep
         draw = _mix(first.astype(np.uint64) ^ _mix(np.full(len(first), seed, dtype=np.uint64)))
         pick = starts + (draw % sizes.astype(np.uint64)).astype(np.int64)
     else:
-        raise ValueError(f"keep must be one of median, nearest, farthest, random; got {keep!r}")
+        raise ValueError(f"keep must be one of median, nearest, farthest, random, largest; got {keep!r}")
     rep = np.empty(m, dtype=np.int64)
     rep[order] = np.repeat(gidx[order[pick]], sizes)
     return rep
@@ -203,7 +203,9 @@ def dedup_cluster(
 
     ``keep`` picks per component, with members ordered by similarity to the centroid (nearest
     first, ties by gidx): ``median`` the member at position (size-1)//2, ``nearest`` the first,
-    ``farthest`` the last, ``random`` a seeded draw that depends only on the component.
+    ``farthest`` the last, ``random`` a seeded draw that depends only on the component;
+    ``largest`` the member with the highest ``cent_sim``, which the caller then fills with each
+    member's file size (``pipeline.keep_scores``) instead of its similarity.
     Rows must be in ascending gidx order (both engines pass them so).
     """
     if len(gidx) == 0:

@@ -115,7 +115,7 @@ def embed_shard(embedder: Embedder, records: list[dict[str, str]], image_folder:
                 index: int, cfg: CurateConfig) -> list[str]:
     """Embed one shard's records and write it; return the ids dropped as unreadable."""
     folder, out_root = Path(image_folder), Path(out_root)
-    imgs, txts, kept, sizes, unreadable = [], [], [], [], []
+    imgs, txts, kept, sizes, nbytes, unreadable = [], [], [], [], [], []
     for b in range(0, len(records), cfg.embed_batch_size):
         batch, images = [], []
         for rec in records[b : b + cfg.embed_batch_size]:
@@ -133,6 +133,7 @@ def embed_shard(embedder: Embedder, records: list[dict[str, str]], image_folder:
         txts.append(embedder.texts([r["caption"] for r in batch]))
         kept += batch
         sizes += [im.size for im in images]
+        nbytes += [(folder / r["image"]).stat().st_size for r in batch]
     img = np.concatenate(imgs) if imgs else np.zeros((0, embedder.dim), np.float32)
     txt = np.concatenate(txts) if txts else np.zeros((0, embedder.dim), np.float32)
     (out_root / "dropped").mkdir(parents=True, exist_ok=True)
@@ -145,6 +146,7 @@ def embed_shard(embedder: Embedder, records: list[dict[str, str]], image_folder:
         "image": pa.array([r["image"] for r in kept], pa.string()),
         "width": pa.array([w for w, _ in sizes], pa.int32()),
         "height": pa.array([h for _, h in sizes], pa.int32()),
+        "bytes": pa.array(nbytes, pa.int64()),  # the file's size: keep=largest keeps the best copy
     })
     return unreadable
 

@@ -69,6 +69,7 @@ class State:
     cluster: np.ndarray  # int32, -1 until assigned
     it_sim: np.ndarray  # float32 image-text cosine
     cent_sim: np.ndarray  # float32 image-centroid cosine
+    file_bytes: np.ndarray | None = None  # int64 image file sizes, read only for keep=largest
     pre_dropped: pa.Table | None = None  # (key, step) dropped before embedding
     funnel: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
@@ -114,11 +115,17 @@ def prepare(emb_dir: str | Path, cfg: CurateConfig) -> State:
             f"{layout.shards[0].meta}: min_image_side / max_aspect_ratio need `width` and `height` columns "
             f"(columns: {', '.join(layout.meta_columns)})"
         )
-    columns = ["key"] + ["caption"] * caption_filter + ["width", "height"] * size_filter
-    keys, keep = [], []
+    if cfg.dedup_enabled and cfg.keep == "largest" and "bytes" not in layout.meta_columns:
+        raise CurateError(f"{layout.shards[0].meta}: keep=largest needs a `bytes` column (file sizes; pool-mode "
+                          f"embedding writes it) (columns: {', '.join(layout.meta_columns)})")
+    by_size = cfg.dedup_enabled and cfg.keep == "largest"
+    columns = ["key"] + ["caption"] * caption_filter + ["width", "height"] * size_filter + ["bytes"] * by_size
+    keys, keep, sizes = [], [], []
     for shard in tqdm(layout.shards, desc="metadata", unit="shard", disable=None):
         table = read_meta(layout, shard, columns)
         keys.append(table["key"].combine_chunks())
+        if by_size:
+            sizes.append(table["bytes"].to_numpy(zero_copy_only=False).astype(np.int64))
         if cfg.filters_enabled:
             empty = pa.nulls(table.num_rows, pa.string())
             keep.append(basic_filter(
@@ -141,6 +148,8 @@ def prepare(emb_dir: str | Path, cfg: CurateConfig) -> State:
         cluster=np.full(n, -1, dtype=np.int32),
         it_sim=np.full(n, np.nan, dtype=np.float32), cent_sim=np.full(n, np.nan, dtype=np.float32), pre_dropped=pre,
     )
+    if by_size:
+        state.file_bytes = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
     if cfg.filters_enabled:
         state.step[~np.concatenate(keep)] = code("filter")
     pre_steps = [] if pre is None else pre["step"].to_pylist()
@@ -215,6 +224,12 @@ def apply_dedup(state: State, gidx: np.ndarray, rep: np.ndarray) -> None:
     dropped = rep != gidx
     state.dup_of[gidx[dropped]] = rep[dropped]
     state.step[gidx[dropped]] = code("dedup")
+
+
+def keep_scores(state: State, gidx: np.ndarray) -> np.ndarray:
+    """What ``dedup_cluster`` ranks a duplicate group's members by: similarity to the centroid, or
+    for ``keep=largest`` the image file's size."""
+    return state.cent_sim[gidx] if state.file_bytes is None else state.file_bytes[gidx].astype(np.float64)
 
 
 def dedup_args(cfg: CurateConfig, rows: int) -> dict[str, Any]:
@@ -408,7 +423,7 @@ def _dedup_spilled(state: State, spill: Path, parts: int) -> None:
             def one(a: int, b: int, emb: np.ndarray = emb, gidx: np.ndarray = gidx,
                     order: np.ndarray = order) -> tuple[np.ndarray, np.ndarray]:
                 rows = order[a:b]
-                return gidx[rows], dedup_cluster(emb[rows], gidx[rows], state.cent_sim[gidx[rows]], **args)
+                return gidx[rows], dedup_cluster(emb[rows], gidx[rows], keep_scores(state, gidx[rows]), **args)
 
             for g, rep in pool.map(one, edges[:-1], edges[1:]):  # clusters are independent
                 apply_dedup(state, g, rep)

@@ -70,12 +70,14 @@ def _score(batch: dict[str, np.ndarray], root: str, arrays: dict[str, np.ndarray
         yield chunk
 
 
-def _dedup_group(batch: dict[str, np.ndarray], **args: Any) -> dict[str, np.ndarray]:
+def _dedup_group(batch: dict[str, np.ndarray], file_bytes: np.ndarray | None = None,
+                 **args: Any) -> dict[str, np.ndarray]:
     """One whole cluster, put in gidx order (the local engine's order) before the dedup."""
     order = np.argsort(batch["gidx"], kind="stable")
     out = {k: batch[k][order] for k in ("gidx", "it_sim", "cent_sim", "cluster")}
     emb = np.ascontiguousarray(np.asarray(batch["emb"], dtype=np.float32)[order])
-    out["rep"] = dedup_cluster(emb, out["gidx"], out["cent_sim"], **args)
+    score = out["cent_sim"] if file_bytes is None else file_bytes[out["gidx"]].astype(np.float64)
+    out["rep"] = dedup_cluster(emb, out["gidx"], score, **args)
     return out
 
 
@@ -103,7 +105,7 @@ def run_ray(emb_dir: str | Path, out: str | Path, cfg: CurateConfig) -> dict[str
             args = dedup_args(cfg, int(state.alive.sum()))
             state.info["dedup_matmul"] = args["matmul"]
             scored = scored.groupby("cluster", num_partitions=partitions).map_groups(
-                _dedup_group, batch_format="numpy", fn_kwargs=args)
+                _dedup_group, batch_format="numpy", fn_kwargs={**args, "file_bytes": state.file_bytes})
         n_assigned = int(state.alive.sum())
         for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
             apply_scores(state, batch)
