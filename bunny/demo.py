@@ -86,11 +86,13 @@ class DemoConfig:
     world: WorldSection = field(default_factory=WorldSection)
     backbones: BackboneSettings = field(default_factory=lambda: BackboneSettings(lm=LMSettings(steps=1500)))
     curate: CurateConfig = field(default_factory=_demo_curate)
+    # stage 1: the projector alone, `plain` captions of the coreset (or the raw pool), as the recipe's
     stage1: dict = field(default_factory=lambda: {
-        "max_steps": 150, "learning_rate": 1e-3, "per_device_train_batch_size": 32, "warmup_ratio": 0.03})
+        "max_steps": 300, "learning_rate": 2e-3, "per_device_train_batch_size": 32, "warmup_ratio": 0.03})
+    # stage 2: LoRA on every Linear of the LM, the projector at a tenth of its rate (the recipe's ratio)
     stage2: dict = field(default_factory=lambda: {
-        "tune": "full", "max_steps": 700, "learning_rate": 2e-3, "mm_projector_lr": 2e-3,
-        "per_device_train_batch_size": 16, "warmup_ratio": 0.03})
+        "tune": "lora", "lora": {"r": 64, "alpha": 128, "dropout": 0.05}, "max_steps": 600,
+        "learning_rate": 1e-3, "mm_projector_lr": 1e-4, "per_device_train_batch_size": 16, "warmup_ratio": 0.03})
     eval: EvalSection = field(default_factory=EvalSection)
     compare_raw_pool: bool = True
     calibrate_dedup: bool = True
@@ -103,8 +105,8 @@ def quick_config() -> DemoConfig:
     """``--quick``: the same pipeline and the same (shipped) backbones, smaller numbers."""
     cfg = DemoConfig()
     cfg.world = WorldSection(n_images=1500, n_instruct=1500, bench_size=100)
-    cfg.stage1 = {**cfg.stage1, "max_steps": 50}
-    cfg.stage2 = {**cfg.stage2, "max_steps": 250}
+    cfg.stage1 = {**cfg.stage1, "max_steps": 150}
+    cfg.stage2 = {**cfg.stage2, "max_steps": 300}
     return cfg
 
 

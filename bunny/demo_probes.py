@@ -132,7 +132,7 @@ def paired_bootstrap(tasks: Sequence[Any], answers: Mapping[str, Mapping[str, Ma
         units[t.name] = u
 
     def mean_gain(arm: str, docs_of: Mapping[str, list[Any]]) -> float:
-        return float(np.mean([gain(t.name, t._score(docs_of[t.name], dict(answers[arm][t.name]))) for t in tasks]))
+        return float(np.mean([gain(t.name, t.score(answers[arm][t.name], docs=docs_of[t.name])) for t in tasks]))
 
     full = {t.name: t.docs() for t in tasks}
     point = mean_gain(arms[0], full) - mean_gain(arms[1], full)

@@ -355,8 +355,13 @@ def io_bytes(data: bytes):
     return io.BytesIO(data)
 
 
-def train_vision(tok, out_dir: str | Path, s: VisionSettings, log=print) -> dict:
-    """Train the two towers (+ attribute heads), save the ``SiglipModel`` folder; return figures."""
+def train_vision(tok, out_dir: str | Path | None, s: VisionSettings, log=print,
+                 stop_after: int | None = None) -> dict:
+    """Train the two towers (+ attribute heads), save the ``SiglipModel`` folder; return figures.
+    ``stop_after``: stop after that many steps and return only the fingerprint (``bunny backbones
+    --check``), saving nothing."""
+    from bunny.backbones.ship import FINGERPRINT_STEP, fingerprint
+
     model = build_model(tok, s)
     heads = AttributeHeads(s.hidden_size, s.grid)
     facts = FactHeads(s.hidden_size, s.grid)
@@ -372,7 +377,7 @@ def train_vision(tok, out_dir: str | Path, s: VisionSettings, log=print) -> dict
     rng = np.random.default_rng(s.seed)
     model.train()
     t0, cpu0 = time.perf_counter(), time.process_time()
-    losses, aux_losses = [], []
+    losses, aux_losses, fp = [], [], {}
     for step in range(s.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, s) * g["mult"]
@@ -397,6 +402,10 @@ def train_vision(tok, out_dir: str | Path, s: VisionSettings, log=print) -> dict
         opt.zero_grad(set_to_none=True)
         losses.append(loss_c.item())
         aux_losses.append(loss_a.item())
+        if step + 1 == FINGERPRINT_STEP:
+            fp = fingerprint(model)
+        if stop_after is not None and step + 1 >= stop_after:
+            return {"fingerprint": fingerprint(model)}
         if log and (step % 50 == 0 or step == s.steps - 1):
             log(f"  vision step {step:4d}/{s.steps} sigmoid {loss_c.item():.3f} attributes {loss_a.item():.3f} "
                 f"({time.perf_counter() - t0:.0f} s)")
@@ -419,5 +428,6 @@ def train_vision(tok, out_dir: str | Path, s: VisionSettings, log=print) -> dict
         "logit_bias": round(model.logit_bias.item(), 4),
         "losses": [round(x, 4) for x in losses],
         **figures,
+        "fingerprint": fp,
         "settings": asdict(s),
     }
