@@ -33,7 +33,7 @@ import numpy as np
 from bunny.backbones.language import LMSettings
 from bunny.backbones.vision import VisionSettings
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the LM's conversation mix (SINGLE_KINDS) and lookup supervision
 
 
 @dataclass

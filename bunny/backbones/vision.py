@@ -412,7 +412,7 @@ def train_vision(tok, out_dir: str | Path | None, s: VisionSettings, log=print,
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     figures = evaluate(model, heads, tok, s)
     out = Path(out_dir)
-    model.save_pretrained(out)
+    model.save_pretrained(out, max_shard_size="4MB")  # shards under 5 MiB: the set is shipped in git
     tok.save_pretrained(out)
     image_processor(s).save_pretrained(out)
     return {
