@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bunny.model.checkpoints import save_model
+from bunny.model.layouts.ours import save_model
 from bunny.model.tiny import tiny_model as _tiny_model
 
 try:  # pytest puts tests/ on sys.path (tests import ``_tiny``); scripts may import ``tests._tiny``

@@ -49,7 +49,7 @@ def projector_state(path: Path) -> dict[str, torch.Tensor]:
         folder = model_folder_of(path)
         if folder is None:
             raise FileNotFoundError(f"projector_from: {path} has no {PROJECTOR_FILE} and no model folder")
-        from bunny.model.vision import read_state_dict
+        from bunny.model.files import read_state_dict
 
         state = read_state_dict(folder)
     if any(k.startswith("mm_projector.") for k in state):
@@ -123,7 +123,7 @@ def build_start_model(cfg: TrainConfig, texts_fn, main: bool = True, barrier=lam
     """``(model, processor, base_folder)``; ``base_folder`` is the folder the model was loaded from
     (a LoRA run refers to it; the run's own processor files carry a changed template or image mode),
     or None when the start model exists only in memory."""
-    from bunny.model.checkpoints import load_model
+    from bunny.model.loading import load_model
 
     base: Path | None = None
     if cfg.model_name_or_path is not None:

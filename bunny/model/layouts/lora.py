@@ -30,7 +30,12 @@ from typing import Any
 
 import torch
 
-from bunny.model.vision import read_json
+from bunny.model.assemble import assemble_model
+from bunny.model.files import read_json, read_tensors
+from bunny.model.layouts.base import LAYOUTS, Layout, load_detected
+from bunny.model.layouts.original import RELEASE_TYPES
+from bunny.model.layouts.weights import rename_keys
+from bunny.model.processing import BunnyProcessor
 
 LORA_META = "bunny_lora.json"
 NON_LORA_FILES = ("non_lora_trainables.safetensors", "non_lora_trainables.bin")
@@ -40,6 +45,21 @@ ORIGINAL_NON_LORA = [
     (r"^(?:base_model\.model\.)?model\.vision_tower\.vision_tower\.(?:vision_model\.|model\.(?:visual\.)?)?",
      "vision_tower.vision_tower."),
 ]
+
+
+@LAYOUTS.register("lora")
+class LoraLayout(Layout):
+    name = "lora"
+    described = "a LoRA run folder with adapter_config.json"
+    order = 0  # before the others: an original LoRA run also has a bunny-* config.json
+
+    @classmethod
+    def detect(cls, folder: Path, config: dict | None) -> bool:
+        return (folder / "adapter_config.json").is_file()
+
+    @classmethod
+    def load(cls, folder: Path, dtype: torch.dtype | None, trust_remote_code: bool) -> tuple[Any, Any]:
+        return load_lora_model(folder, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def load_lora_model(path: Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
@@ -55,9 +75,6 @@ def load_lora_model(path: Path, dtype: torch.dtype | None = None, trust_remote_c
 
 
 def _load_ours(path: Path, dtype, trust_remote_code: bool, merge: bool) -> tuple[Any, Any]:
-    from bunny.model.checkpoints import load_model
-    from bunny.model.processing import BunnyProcessor
-
     meta_file = path / LORA_META
     meta = read_json(meta_file)
     if "base_model" not in meta:
@@ -67,11 +84,11 @@ def _load_ours(path: Path, dtype, trust_remote_code: bool, merge: bool) -> tuple
         base = (path / base).resolve()
     if not base.is_dir():
         raise FileNotFoundError(f"{meta_file}: base_model {base} does not exist (moved?); edit the path in the file")
-    model, base_processor = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    model, base_processor = load_detected(base, dtype=dtype, trust_remote_code=trust_remote_code)
     _apply_adapter(model, path, merge)
     non_lora = path / meta.get("non_lora", NON_LORA_FILES[0])
     if non_lora.is_file():
-        _copy_into(model, _read_tensors(non_lora), source=str(non_lora))
+        _copy_into(model, read_tensors(non_lora), source=str(non_lora))
     processor = BunnyProcessor.from_pretrained(path, trust_remote_code=trust_remote_code) \
         if (path / "processor_config.json").is_file() else base_processor
     # The run's processor is the truth for how prompts were built (a stage-2 run may change the template).
@@ -83,10 +100,6 @@ def _load_ours(path: Path, dtype, trust_remote_code: bool, merge: bool) -> tuple
 
 def _load_original(path: Path, dtype, trust_remote_code: bool, merge: bool) -> tuple[Any, Any]:
     """Assemble the base from the adapter's LLM folder + ``mm_vision_tower``, then projector + adapter."""
-    from bunny.model.assemble import assemble_model
-    from bunny.model.original import RELEASE_TYPES
-    from bunny.model.weights import rename_keys
-
     raw = read_json(path / "config.json")
     adapter_cfg = read_json(path / "adapter_config.json")
     llm = Path(adapter_cfg.get("base_model_name_or_path") or "")
@@ -106,7 +119,7 @@ def _load_original(path: Path, dtype, trust_remote_code: bool, merge: bool) -> t
     non_lora = next((path / n for n in NON_LORA_FILES if (path / n).is_file()), None)
     if non_lora is None:
         raise FileNotFoundError(f"{path}: no {' or '.join(NON_LORA_FILES)} (the trained projector)")
-    state, origin = rename_keys(_read_tensors(non_lora), ORIGINAL_NON_LORA)
+    state, origin = rename_keys(read_tensors(non_lora), ORIGINAL_NON_LORA)
     _copy_into(model, state, source=str(non_lora), origin=origin)
     _apply_adapter(model, path, merge)
     return model, processor
@@ -133,14 +146,6 @@ def _apply_adapter(model: Any, path: Path, merge: bool) -> None:
         model.language_model = model.language_model.merge_and_unload()
 
 
-def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(file))
-    return torch.load(file, map_location="cpu", weights_only=True)
-
-
 def _copy_into(model: Any, state: dict[str, torch.Tensor], source: str, origin: dict[str, str] | None = None) -> None:
     """Copy trained tensors over the model's; every key must name a parameter of the same shape."""
     own = dict(model.named_parameters())
@@ -156,4 +161,4 @@ def _copy_into(model: Any, state: dict[str, torch.Tensor], source: str, origin: 
             own[k].copy_(v.to(own[k].dtype))
 
 
-__all__ = ["LORA_META", "load_lora_model", "quiet_peft"]
+__all__ = ["LORA_META", "LoraLayout", "load_lora_model", "quiet_peft"]

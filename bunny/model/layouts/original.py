@@ -31,10 +31,16 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig, SiglipVisionConfig
 
+from bunny.model.files import read_json, read_state_dict
+from bunny.model.finish import finish_model
 from bunny.model.language import LLM_FAMILIES
+from bunny.model.layouts.base import LAYOUTS, Layout
+from bunny.model.layouts.weights import assign_state_dict, build_without_init, rename_keys
+from bunny.model.modeling import BunnyConfig
 from bunny.model.processing import BunnyImageProcessor, BunnyProcessor
-from bunny.model.vision import VISION_ENCODERS, read_json, read_state_dict
-from bunny.model.weights import assign_state_dict, build_without_init, rename_keys
+from bunny.model.special_tokens import add_image_token
+from bunny.model.vision import VISION_ENCODERS, detect_vision_encoder
+from bunny.model.vision.eva_clip import EvaVisionConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +91,6 @@ _ROPE_TABLE = re.compile(r"(^|\.)rope\.freqs_(cos|sin)$")
 def load_original_bunny(path: Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False
                         ) -> tuple[Any, BunnyProcessor]:
     """A release folder as ``(BunnyForConditionalGeneration, BunnyProcessor)``."""
-    import bunny.model  # noqa: F401  (registers minicpm)
-    from bunny.model.assemble import add_image_token
-    from bunny.model.checkpoints import configure_generation
-    from bunny.model.modeling import BunnyConfig
-
     config_file = path / "config.json"
     raw = read_json(config_file)
     release_type = raw.get("model_type")
@@ -143,15 +144,27 @@ def load_original_bunny(path: Path, dtype: torch.dtype | None = None, trust_remo
                  path, len(tolerated), ", ".join(tolerated[:6]))
     image_processor = BunnyImageProcessor(size=config.image_size, image_mean=stats["image_mean"],
                                           image_std=stats["image_std"], image_aspect_ratio=config.image_aspect_ratio)
-    processor = BunnyProcessor.for_config(tokenizer, image_processor, config)
-    configure_generation(model, processor)
-    return model, processor
+    return finish_model(model, tokenizer, image_processor)
+
+
+@LAYOUTS.register("bunny-original")
+class OriginalLayout(Layout):
+    name = "bunny-original"
+    described = "'bunny-*' (original Bunny releases)"
+    order = 30
+
+    @classmethod
+    def detect(cls, folder: Path, config: dict | None) -> bool:
+        model_type = (config or {}).get("model_type")
+        return isinstance(model_type, str) and model_type.startswith("bunny-")
+
+    @classmethod
+    def load(cls, folder: Path, dtype: torch.dtype | None, trust_remote_code: bool) -> tuple[Any, BunnyProcessor]:
+        return load_original_bunny(folder, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def resolve_vision_tower(name: str, release_dir: Path) -> tuple[str, Any, dict[str, Any]]:
     """``(encoder name, vision config, {"image_mean", "image_std"})`` for a release's ``mm_vision_tower``."""
-    from bunny.model.assemble import detect_vision_encoder
-
     candidates = [Path(name).expanduser(), release_dir / name]
     local = next((c for c in candidates if c.exists()), None)
     if local is not None:
@@ -165,8 +178,6 @@ def resolve_vision_tower(name: str, release_dir: Path) -> tuple[str, Any, dict[s
         config_cls = SiglipVisionConfig if encoder == "siglip" else CLIPVisionConfig
         return encoder, config_cls(**values), dict(stats)
     if Path(name).name.split(".")[0] in EVA_NAMES or Path(name).stem in EVA_NAMES:
-        from bunny.model.vision.eva_clip import EvaVisionConfig
-
         cls = VISION_ENCODERS.get("eva_clip")
         config = EvaVisionConfig()
         return "eva_clip", config, cls.image_processor_config(None, config)
