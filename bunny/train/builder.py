@@ -149,10 +149,8 @@ def build_start_model(cfg: TrainConfig, texts_fn, main: bool = True, barrier=lam
             tok, vision=t.vision_encoder, family=t.llm_family, projector_type=cfg.projector_type,
             s2_scales=cfg.s2_scales, seed=t.seed, vision_overrides=t.vision, text_overrides=t.text, **extra)
     else:
-        try:
-            from bunny.model.assemble import assemble_model
-        except ImportError as exc:  # pragma: no cover - until the model package ships it
-            raise RuntimeError("vision_tower + language_model needs bunny.model.assemble (not available)") from exc
+        from bunny.model.assemble import assemble_model
+
         kwargs: dict[str, Any] = {"projector_type": cfg.projector_type}
         for key in ("llm_family", "vision_encoder", "s2_scales"):
             if getattr(cfg, key) is not None:
