@@ -158,6 +158,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 
 def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated with ``extra``, nested dicts merged key by key (how overrides apply to YAML)."""
     merged = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(merged.get(k), dict):
