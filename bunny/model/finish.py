@@ -16,9 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bunny.data.templates import get_template
 from bunny.model.generation import configure_generation
 from bunny.model.processing import BunnyImageProcessor, BunnyProcessor
-from bunny.model.special_tokens import add_template_tokens
+from bunny.model.special_tokens import add_template_tokens, warn_if_split
 
 
 def finish_model(
@@ -43,3 +44,15 @@ def finish_model(
         add_template_tokens(model, processor)  # recomputes the end ids when it adds tokens
     model.eval()
     return model, processor
+
+
+def set_chat_template(model: Any, processor: BunnyProcessor, name: str) -> None:
+    """Prompt a loaded model with the chat template ``name`` instead of its own (a ``--template``
+    override): the config, the processor and the generation end ids all follow, so prompts and the
+    stop token agree. An unknown name lists the known ones; a template whose special strings the
+    tokenizer splits gets the same warning as at load time (nothing is added to a loaded model)."""
+    get_template(name)  # unknown -> UnknownNameError listing the templates
+    model.config.chat_template = name
+    processor.chat_template = name
+    configure_generation(model, processor)
+    warn_if_split(model, processor, f"--template {name}")

@@ -110,10 +110,11 @@ def _load_original(path: Path, dtype, trust_remote_code: bool, merge: bool) -> t
     if not tower.exists():
         raise FileNotFoundError(f"{path / 'config.json'}: mm_vision_tower {str(tower)!r} is not a local folder; "
                                 "set it to the vision checkpoint the run used")
-    family = RELEASE_TYPES.get(raw.get("model_type"), (None, None))[1]
+    _, family, template = RELEASE_TYPES.get(raw.get("model_type"), (None, None, None))
     s2 = [int(s) for s in str(raw.get("s2_scales") or "384,768,1152").split(",")] if raw.get("use_s2") else None
     model, processor = assemble_model(
         tower, llm, projector_type=raw.get("mm_projector_type", "mlp2x_gelu"), llm_family=family, s2_scales=s2,
+        chat_template=template,
         image_aspect_ratio=raw.get("image_aspect_ratio") or "pad", dtype=dtype, trust_remote_code=trust_remote_code,
         tokenizer_path=path if (path / "tokenizer_config.json").is_file() else None)
     non_lora = next((path / n for n in NON_LORA_FILES if (path / n).is_file()), None)

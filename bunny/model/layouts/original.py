@@ -44,15 +44,22 @@ from bunny.model.vision.eva_clip import EvaVisionConfig
 
 log = logging.getLogger(__name__)
 
-#: release model_type -> (transformers model_type of the LLM config, our LLM family)
+#: release model_type -> (transformers model_type of the LLM config, our LLM family, chat template).
+#: The template is the one the release was trained with: every release used Bunny's own format
+#: (the original ``bunny/conversation.py``), only the end token (``sep2``) differs: ``conv_bunny``
+#: (``<|endoftext|>``) for Phi, Phi-3, StableLM and Qwen, ``conv_minicpm`` (``</s>``) and ``conv_llama``
+#: (``<|end_of_text|>``); its evaluation guide switches the mode only for MiniCPM and Llama-3. The
+#: families' own templates (``phi3``, ``llama3``, ``minicpm``) would prompt these models in a format
+#: they never saw.
 RELEASE_TYPES = {
-    "bunny-phi": ("phi", None),  # phi-1.5 or phi-2, told apart by the width
-    "bunny-phi3": ("phi3", "phi-3"),
-    "bunny-stablelm": ("stablelm", "stablelm-2"),
-    "bunny-qwen2": ("qwen2", "qwen1.5"),  # Bunny's own chat template, as the released Qwen models used
-    "bunny-minicpm": ("minicpm", "minicpm"),
-    "bunny-llama": ("llama", "llama-3"),
+    "bunny-phi": ("phi", None, "bunny"),  # phi-1.5 or phi-2, told apart by the width
+    "bunny-phi3": ("phi3", "phi-3", "bunny"),
+    "bunny-stablelm": ("stablelm", "stablelm-2", "bunny"),
+    "bunny-qwen2": ("qwen2", "qwen1.5", "bunny"),
+    "bunny-minicpm": ("minicpm", "minicpm", "bunny-minicpm"),
+    "bunny-llama": ("llama", "llama-3", "bunny-llama3"),
 }
+
 
 #: the reference towers (RECIPE.md), for release folders whose mm_vision_tower is a hub id
 KNOWN_TOWERS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
@@ -100,7 +107,7 @@ def load_original_bunny(path: Path, dtype: torch.dtype | None = None, trust_remo
     for field in ("mm_vision_tower", "mm_projector_type"):
         if not raw.get(field):
             raise ValueError(f"{config_file}: missing field {field!r}")
-    text_type, family = RELEASE_TYPES[release_type]
+    text_type, family, template = RELEASE_TYPES[release_type]
     text_raw = {k: v for k, v in raw.items() if not BUNNY_FIELDS.match(k)}
     if text_type == "stablelm":
         text_raw = {STABLELM_FIELDS.get(k, k): v for k, v in text_raw.items()}
@@ -125,6 +132,7 @@ def load_original_bunny(path: Path, dtype: torch.dtype | None = None, trust_remo
         image_aspect_ratio=raw.get("image_aspect_ratio") or "pad",
         image_token_id=image_token_id,
         llm_family=family,
+        chat_template=template,
     )
     LLM_FAMILIES.get(family).check_config(text_config)
     model = build_without_init(config)
