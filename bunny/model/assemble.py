@@ -8,6 +8,9 @@ backbones keep their pretrained weights, only the projector is new. Any local HF
   its ``preprocessor_config.json`` gives the image mean/std;
 * LLM: any causal-LM folder of a registered family (or ``generic``), with its tokenizer.
 
+Either may be a hub name (``google/siglip-so400m-patch14-384``, ``microsoft/phi-2``): resolved
+through ``huggingface_hub`` (``bunny.model.hub``: the HF cache offline, a download online).
+
 The tokenizer gets an ``<image>`` special token when it has none; its id is ``image_token_id``.
 The embedding matrix is not resized for it: image positions are never looked up (the model writes
 image features there), so an id at or beyond the LLM's vocabulary is fine for Bunny itself; export to
@@ -25,6 +28,7 @@ import torch
 from transformers import AutoTokenizer
 
 from bunny.model.finish import finish_model
+from bunny.model.hub import resolve_folder
 from bunny.model.language import LLM_FAMILIES, family_for_config, load_text_config
 from bunny.model.modeling import BunnyConfig, BunnyForConditionalGeneration
 from bunny.model.processing import BunnyProcessor
@@ -51,6 +55,10 @@ def assemble_model(
     """Build ``(model, processor)`` from a vision checkpoint and an LLM folder; the projector is new
     (seeded with ``seed`` when given). Names left None are inferred (encoder from the vision config's
     model_type, family from the LLM config's, template from the family)."""
+    vision_path = resolve_folder(vision_path, what="vision tower")  # hub names: the HF cache / a download
+    llm_path = resolve_folder(llm_path, what="language model")
+    if tokenizer_path is not None:
+        tokenizer_path = resolve_folder(tokenizer_path, what="tokenizer")
     vision_encoder = vision_encoder or detect_vision_encoder(vision_path)
     encoder_cls = VISION_ENCODERS.get(vision_encoder)
     select = vision_feature_select or encoder_cls.default_feature_select

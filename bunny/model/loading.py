@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from bunny.model.hub import resolve_folder
 from bunny.model.layouts import detect_layout, load_detected
 from bunny.model.special_tokens import warn_if_split
 
@@ -29,12 +30,16 @@ def load_model(
 ) -> tuple[Any, Any]:
     """Load any supported model folder -> ``(model, processor)`` (model in eval mode).
 
+    ``path`` may also be a hub name (``BAAI/Bunny-v1_0-3B``): downloaded into the HF cache, or read
+    from it offline (``HF_HUB_OFFLINE=1``), see ``bunny.model.hub``.
+
     ``dtype``: torch dtype (or its name); None keeps the checkpoint's. ``device``: where to put the
     model (default CPU). ``trust_remote_code`` is only used for LLMs of the ``generic`` family whose
     folders need it; no loader here runs hub code otherwise.
     """
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    path = resolve_folder(path, what="model")
     model, processor = load_detected(Path(path), dtype, trust_remote_code)
     if device is not None:
         model.to(device)

@@ -13,8 +13,8 @@ Two layouts, both recognised by ``adapter_config.json``:
   ``adapter_config.json`` whose ``base_model_name_or_path`` is the LLM folder, ``adapter_model.*`` (keys
   ``base_model.model.model.layers.*`` -- the LLM's own names, so PEFT applies it to our language model
   unchanged), ``non_lora_trainables.bin`` (``base_model.model.model.mm_projector.*``, read with
-  ``weights_only=True``), the tokenizer; ``mm_vision_tower`` must be a local folder (the tower is not in
-  the run folder) unless the tower was unfrozen and saved in ``non_lora_trainables``.
+  ``weights_only=True``), the tokenizer; ``mm_vision_tower`` must be a local folder or a hub name (the
+  tower is not in the run folder), as may ``base_model_name_or_path`` (``bunny.model.hub``).
 
 The adapter is merged into the LLM's weights (``merge=False`` keeps the PEFT wrapper, e.g. to continue
 training): a merged model runs at the base model's speed.
@@ -32,6 +32,7 @@ import torch
 
 from bunny.model.assemble import assemble_model
 from bunny.model.files import read_json, read_tensors
+from bunny.model.hub import resolve_folder
 from bunny.model.layouts.base import LAYOUTS, Layout, load_detected
 from bunny.model.layouts.original import RELEASE_TYPES
 from bunny.model.layouts.weights import rename_keys
@@ -102,11 +103,11 @@ def _load_original(path: Path, dtype, trust_remote_code: bool, merge: bool) -> t
     """Assemble the base from the adapter's LLM folder + ``mm_vision_tower``, then projector + adapter."""
     raw = read_json(path / "config.json")
     adapter_cfg = read_json(path / "adapter_config.json")
-    llm = Path(adapter_cfg.get("base_model_name_or_path") or "")
+    llm = resolve_folder(adapter_cfg.get("base_model_name_or_path") or "", what="base_model_name_or_path")
     if not llm.is_dir():
         raise FileNotFoundError(f"{path / 'adapter_config.json'}: base_model_name_or_path {str(llm)!r} is not a local "
                                 "LLM folder; set it to the folder of the base LLM")
-    tower = Path(raw.get("mm_vision_tower", "")).expanduser()
+    tower = resolve_folder(raw.get("mm_vision_tower", ""), what="mm_vision_tower")
     if not tower.exists():
         raise FileNotFoundError(f"{path / 'config.json'}: mm_vision_tower {str(tower)!r} is not a local folder; "
                                 "set it to the vision checkpoint the run used")

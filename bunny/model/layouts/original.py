@@ -14,8 +14,10 @@ the tokenizer, and weights with these keys (RECIPE.md, "Checkpoints users alread
 
 The vision architecture comes from ``mm_vision_tower``: a local folder (absolute, or relative to the
 release folder) is read (its config.json, and its preprocessor_config.json for mean/std); a hub id
-of one of the reference towers (RECIPE.md) uses the built-in config, so a release folder loads
-offline without the tower being downloaded (its weights are in the release already). Keys that fit
+is looked up in the HF cache first (only those two files are needed), then one of the reference
+towers (RECIPE.md) uses the built-in config, so a release folder loads offline without the tower
+being downloaded (its weights are in the release already); any other hub id has its two config
+files downloaded (``bunny.model.hub``). Keys that fit
 nowhere, and parameters nothing fills, are listed in the error. Parameters of vision blocks the
 model never runs (the last block, SigLIP's pooling head) may be absent: Bunny's forward never uses
 them; they are zero-filled and reported in the log.
@@ -33,6 +35,7 @@ from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig, SiglipVisi
 
 from bunny.model.files import read_json, read_state_dict
 from bunny.model.finish import finish_model
+from bunny.model.hub import HubNameError, is_hub_name, resolve_folder
 from bunny.model.language import LLM_FAMILIES
 from bunny.model.layouts.base import LAYOUTS, Layout
 from bunny.model.layouts.weights import assign_state_dict, build_without_init, rename_keys
@@ -76,6 +79,8 @@ KNOWN_TOWERS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
         dict(image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711]),
     ),
 }
+#: the files of a tower folder a release needs (its weights are in the release)
+TOWER_FILES = ["config.json", "preprocessor_config.json"]
 EVA_NAMES = ("EVA02_CLIP_L_336_psz14_s6B", "EVA02-CLIP-L-14-336", "eva02_clip_l_336")
 
 #: Bunny's own config fields, removed before building the LLM config
@@ -175,24 +180,35 @@ def resolve_vision_tower(name: str, release_dir: Path) -> tuple[str, Any, dict[s
     """``(encoder name, vision config, {"image_mean", "image_std"})`` for a release's ``mm_vision_tower``."""
     candidates = [Path(name).expanduser(), release_dir / name]
     local = next((c for c in candidates if c.exists()), None)
+    hub_error = None
+    if local is None and is_hub_name(name):
+        try:  # the tower's own config from the HF cache (its weights are in the release already)
+            local = resolve_folder(name, allow_patterns=TOWER_FILES, what="mm_vision_tower", local_only=True)
+        except HubNameError as exc:
+            hub_error = exc
+    if local is None and name in KNOWN_TOWERS:
+        encoder, values, stats = KNOWN_TOWERS[name]
+        config_cls = SiglipVisionConfig if encoder == "siglip" else CLIPVisionConfig
+        return encoder, config_cls(**values), dict(stats)
+    if local is None and (Path(name).name.split(".")[0] in EVA_NAMES or Path(name).stem in EVA_NAMES):
+        cls = VISION_ENCODERS.get("eva_clip")
+        config = EvaVisionConfig()
+        return "eva_clip", config, cls.image_processor_config(None, config)
+    if local is None and hub_error is not None:
+        try:  # an unknown tower: its config files from the hub (nothing is downloaded offline)
+            local = resolve_folder(name, allow_patterns=TOWER_FILES, what="mm_vision_tower")
+        except HubNameError as exc:
+            hub_error = exc
     if local is not None:
         encoder = detect_vision_encoder(local)
         cls = VISION_ENCODERS.get(encoder)
         config = cls.config_from_pretrained(local)
         stats = cls.image_processor_config(local if local.is_dir() else None, config)
         return encoder, config, stats
-    if name in KNOWN_TOWERS:
-        encoder, values, stats = KNOWN_TOWERS[name]
-        config_cls = SiglipVisionConfig if encoder == "siglip" else CLIPVisionConfig
-        return encoder, config_cls(**values), dict(stats)
-    if Path(name).name.split(".")[0] in EVA_NAMES or Path(name).stem in EVA_NAMES:
-        cls = VISION_ENCODERS.get("eva_clip")
-        config = EvaVisionConfig()
-        return "eva_clip", config, cls.image_processor_config(None, config)
     raise FileNotFoundError(
         f"mm_vision_tower {name!r} is not a local folder (looked at {', '.join(str(c) for c in candidates)}) and not "
-        f"one of the known towers ({', '.join(sorted(KNOWN_TOWERS))}, EVA02-CLIP-L-336); download it and set "
-        "mm_vision_tower in config.json to the folder")
+        f"one of the known towers ({', '.join(sorted(KNOWN_TOWERS))}, EVA02-CLIP-L-336)"
+        + (f"; {hub_error}" if hub_error else "") + "; download it and set mm_vision_tower in config.json to the folder")
 
 
 def unused_vision_keys(model: Any) -> set[str]:
