@@ -6,7 +6,8 @@ backbones keep their pretrained weights, only the projector is new. Any local HF
 * vision: a ``SiglipModel``/``SiglipVisionModel`` or ``CLIPModel``/``CLIPVisionModel`` folder
   (transformers 4.x or 5 key names), or an EVA02-CLIP checkpoint file/folder (``visual.*``);
   its ``preprocessor_config.json`` gives the image mean/std;
-* LLM: any causal-LM folder of a registered family (or ``generic``), with its tokenizer.
+* LLM: any causal-LM folder of a registered family (or ``generic``), with its tokenizer, or a
+  ``.gguf`` file (``bunny.model.gguf``: converted once to such a folder);
 
 Either may be a hub name (``google/siglip-so400m-patch14-384``, ``microsoft/phi-2``): resolved
 through ``huggingface_hub`` (``bunny.model.hub``: the HF cache offline, a download online).
@@ -28,6 +29,7 @@ import torch
 from transformers import AutoTokenizer
 
 from bunny.model.finish import finish_model
+from bunny.model.gguf import gguf_to_folder, is_gguf
 from bunny.model.hub import resolve_folder
 from bunny.model.language import LLM_FAMILIES, family_for_config, load_text_config
 from bunny.model.modeling import BunnyConfig, BunnyForConditionalGeneration
@@ -57,6 +59,8 @@ def assemble_model(
     model_type, family from the LLM config's, template from the family)."""
     vision_path = resolve_folder(vision_path, what="vision tower")  # hub names: the HF cache / a download
     llm_path = resolve_folder(llm_path, what="language model")
+    if is_gguf(llm_path):  # a .gguf file: converted once to an HF folder (cached by its hash)
+        llm_path = gguf_to_folder(llm_path)
     if tokenizer_path is not None:
         tokenizer_path = resolve_folder(tokenizer_path, what="tokenizer")
     vision_encoder = vision_encoder or detect_vision_encoder(vision_path)

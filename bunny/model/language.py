@@ -13,6 +13,7 @@ names refer to ``bunny.data.templates.TEMPLATES``.
 | qwen2       | Qwen2ForCausalLM       | qwen2             | chatml   |
 | minicpm     | MiniCPMForCausalLM (*) | minicpm           | minicpm  |
 | llama-3     | LlamaForCausalLM       | llama             | llama3   |
+| smollm2     | LlamaForCausalLM       | llama             | chatml   |
 | generic     | AutoModelForCausalLM   | any               | bunny    |
 
 The end-of-turn token is the template's (``bunny.data.templates``: one source of truth), plus the
@@ -22,6 +23,8 @@ tokenizer's eos (``bunny.model.generation``).
 needs ``trust_remote_code``; with the port a MiniCPM-2B folder loads offline without it.
 ``qwen2`` also serves Qwen2.5 (same architecture) and uses ChatML because the Qwen2/2.5 instruct models
 were trained on it; ``qwen1.5`` keeps Bunny's own template as the released Bunny-Qwen1.5 models did.
+``smollm2`` (HF's SmolLM2, the LLM of nanoVLM; often at hand as a ``.gguf`` file, see
+``bunny.model.gguf``) is Llama with ChatML: name it explicitly, a ``llama`` config defaults to ``llama-3``.
 ``generic`` loads any other ``AutoModelForCausalLM`` folder; it uses remote code only when the user
 passes ``trust_remote_code=True``.
 """
@@ -98,6 +101,7 @@ for _family in (
     LLMFamily("qwen2", "Qwen2ForCausalLM", ("qwen2",), "chatml"),
     LLMFamily("minicpm", "MiniCPMForCausalLM", ("minicpm",), "minicpm"),
     LLMFamily("llama-3", "LlamaForCausalLM", ("llama",), "llama3"),
+    LLMFamily("smollm2", "LlamaForCausalLM", ("llama",), "chatml"),
     LLMFamily("generic", None, (), "bunny"),
 ):
     LLM_FAMILIES.register(_family.name, _family)

@@ -26,7 +26,8 @@ TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_
 #: model_type of the tiny text config per family (``generic`` uses an architecture no family claims)
 FAMILY_MODEL_TYPE = {
     "phi-1.5": "phi", "phi-2": "phi", "phi-3": "phi3", "stablelm-2": "stablelm", "qwen1.5": "qwen2",
-    "qwen2": "qwen2", "minicpm": "minicpm", "llama-3": "llama", "generic": "mistral",
+    "qwen2": "qwen2", "minicpm": "minicpm", "llama-3": "llama", "smollm2": "llama",
+    "generic": "mistral",
 }
 #: per-architecture extras (fields the tiny defaults do not cover, or that must be small)
 _TEXT_EXTRAS: dict[str, dict[str, Any]] = {

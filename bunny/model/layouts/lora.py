@@ -32,6 +32,7 @@ import torch
 
 from bunny.model.assemble import assemble_model
 from bunny.model.files import read_json, read_tensors
+from bunny.model.gguf import gguf_to_folder, is_gguf
 from bunny.model.hub import resolve_folder
 from bunny.model.layouts.base import LAYOUTS, Layout, load_detected
 from bunny.model.layouts.original import RELEASE_TYPES
@@ -104,6 +105,8 @@ def _load_original(path: Path, dtype, trust_remote_code: bool, merge: bool) -> t
     raw = read_json(path / "config.json")
     adapter_cfg = read_json(path / "adapter_config.json")
     llm = resolve_folder(adapter_cfg.get("base_model_name_or_path") or "", what="base_model_name_or_path")
+    if is_gguf(llm):
+        llm = gguf_to_folder(llm)
     if not llm.is_dir():
         raise FileNotFoundError(f"{path / 'adapter_config.json'}: base_model_name_or_path {str(llm)!r} is not a local "
                                 "LLM folder; set it to the folder of the base LLM")
