@@ -27,7 +27,8 @@ LAYERS = [
     ("model + processor", ["modeling.py\nBunnyConfig, BunnyForConditionalGeneration", "processing.py\nBunnyProcessor"], "#577590"),
     ("parts (registries)", ["vision/\nsiglip, clip, eva_clip, s2", "projectors.py", "language.py\n+ minicpm.py"],
      "#277da1"),
-    ("file I/O", ["files.py: JSON, state dicts, atomic folders"], "#6c757d"),
+    ("files, hub, GGUF", ["files.py: JSON, state dicts,\natomic folders", "hub.py: org/name ->\nHF cache / download",
+                          "gguf.py: .gguf -> HF folder\n(cached by hash)"], "#6c757d"),
 ]
 OUTSIDE = "below bunny.model: bunny.data (templates, images), bunny.registry"
 

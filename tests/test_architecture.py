@@ -166,3 +166,31 @@ def test_no_function_over_100_lines():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}: {node.name} ({lines} lines)")
     assert not long, "\n".join(long)
+
+
+#: the layers of bunny.model, bottom (0) to top, as docs/architecture.md draws them
+MODEL_LAYERS = [
+    ["files", "hub", "gguf"],
+    ["vision", "vision.base", "vision.s2", "vision.clip", "vision.siglip", "vision.eva_clip", "projectors",
+     "language", "minicpm"],
+    ["modeling", "processing"],
+    ["special_tokens", "generation"],
+    ["finish"],
+    ["assemble", "tiny"],
+    ["layouts", "layouts.base", "layouts.weights", "layouts.ours", "layouts.lora", "layouts.original",
+     "layouts.llava"],
+    ["loading"],
+    ["cli_export"],
+]
+
+
+def test_model_imports_run_down_the_layers():
+    graph = import_graph()
+    level = {f"bunny.model.{m}": k for k, layer in enumerate(MODEL_LAYERS) for m in layer}
+    level["bunny.model"] = 0  # the package __init__: registration only
+    unplaced = sorted(m for m in graph if m.startswith("bunny.model.") and m not in level)
+    assert not unplaced, f"place these modules in a layer (and in the picture): {unplaced}"
+    upward = [f"{m} (layer {level[m]}) imports {t} (layer {level[t]})"
+              for m in level for t in graph.get(m, ()) if t in level and level[t] > level[m]
+              and m != "bunny.model"]
+    assert not upward, "\n".join(upward)
