@@ -5,7 +5,7 @@ generation throughput, in one process, interleaved runs, median of repeats.
     .venv/bin/python benchmarks/bench_model.py --configs small --device cuda --dtype bfloat16
 
 Ratio = ours / Llava throughput (>= 0.95 is the target: ours must be no slower). Both models hold
-identical weights (ours exported with ``bunny.model.llava``) and get identical inputs; the logits are
+identical weights (ours exported with ``bunny.model.layouts.llava``) and get identical inputs; the logits are
 checked equal before timing so the comparison is of the same computation. Where ours does less work
 by design it is counted: Bunny runs the vision tower only up to its feature layer, Llava runs every
 block and the pooling head and then picks ``hidden_states[-2]``.
@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from bunny.model.llava import LLAVA_TO_OURS_EXPORT, llava_config, to_llava_state_dict
+from bunny.model.layouts.llava import LLAVA_TO_OURS_EXPORT, llava_config, to_llava_state_dict
+from bunny.model.layouts.weights import rename_keys
 from bunny.model.modeling import BunnyConfig, BunnyForConditionalGeneration
 from bunny.model.tiny import tiny_text_config, tiny_vision_config
-from bunny.model.weights import rename_keys
 
 CONFIGS = {
     # name: (vision overrides, text overrides, vocab, batch, text tokens per row, new tokens)

@@ -38,7 +38,7 @@ def build_model(out: Path) -> Path:
     """A small random model (enough compute per token that batching matters, like a real LM)."""
     from bunny.backbones import corpus
     from bunny.backbones.tokenizer import train_tokenizer, wrap
-    from bunny.model.checkpoints import save_model
+    from bunny.model.layouts.ours import save_model
     from bunny.model.tiny import tiny_model
 
     tok = wrap(train_tokenizer(corpus(400, seed=0), vocab_size=4096), model_max_length=2048)

@@ -1,6 +1,7 @@
 """The ``bunny`` command: parses the verb and dispatches to the package that owns it.
 
-Each verb lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+Each verb lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int`` (and
+optionally ``description() -> str`` for help text built at run time);
 modules are imported lazily so ``bunny --help`` stays fast and one broken verb cannot break others.
 """
 
@@ -28,21 +29,24 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+def describe(module: object, help_text: str) -> str:
+    """A verb's long help: its module's ``description()`` when it has one (help text derived from a
+    registry, e.g. ``bunny eval``'s task list), else the module docstring."""
+    describe_fn = getattr(module, "description", None)
+    text = describe_fn() if callable(describe_fn) else getattr(module, "__doc__", None)
+    return (text or help_text).strip()
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     parser = argparse.ArgumentParser(prog="bunny", description="Small multimodal LLMs, data-centric.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     modules: dict[str, object] = {}
     for verb, (module_name, help_text) in VERBS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue  # verb not built yet
-            raise
+        module = importlib.import_module(module_name)
         p = sub.add_parser(
             verb,
             help=help_text,
-            description=(module.__doc__ or help_text).strip(),
+            description=describe(module, help_text),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(VERBS[argv[0]][0])
         p = argparse.ArgumentParser(
             prog=f"bunny {argv[0]}",
-            description=(module.__doc__ or VERBS[argv[0]][1]).strip(),
+            description=describe(module, VERBS[argv[0]][1]),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)

@@ -157,11 +157,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated with ``extra``, nested dicts merged key by key (how overrides apply to YAML)."""
     merged = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(merged.get(k), dict):
-            merged[k] = _merge(merged[k], v)
+            merged[k] = merge_dicts(merged[k], v)
         else:
             merged[k] = v
     return merged
@@ -184,6 +185,6 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         data = loaded
         where = str(path)
     if overrides:
-        data = _merge(data, parse_overrides(overrides))
+        data = merge_dicts(data, parse_overrides(overrides))
         where = f"{where} (+ overrides)"
     return from_dict(cls, data, where)

@@ -121,9 +121,9 @@ def load_demo_config(path: str | Path | None, overrides: list[str], quick: bool)
         return load_config(DemoConfig, path, overrides)
     base = to_dict(quick_config() if quick else DemoConfig())
     if overrides:
-        from bunny.config import _merge  # the same merge load_config applies
+        from bunny.config import merge_dicts  # the same merge load_config applies
 
-        base = _merge(base, parse_overrides(overrides))
+        base = merge_dicts(base, parse_overrides(overrides))
     return from_dict(DemoConfig, base, "demo preset" + (" (quick)" if quick else ""))
 
 

@@ -37,6 +37,11 @@ class Registry(Generic[T]):
 
         return add if obj is None else add(obj)
 
+    def unregister(self, name: str) -> T:
+        """Remove and return ``name`` (tests register throwaway parts and take them out again)."""
+        self.get(name)  # unknown -> the usual error
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]

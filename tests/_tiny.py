@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bunny.model.checkpoints import save_model
+from bunny.model.layouts.ours import save_model
 from bunny.model.tiny import tiny_model as _tiny_model
 
 try:  # pytest puts tests/ on sys.path (tests import ``_tiny``); scripts may import ``tests._tiny``
@@ -29,7 +29,8 @@ except ImportError:  # pragma: no cover
     from tests._tokenizers import qwen_fast, trained_bpe
 
 VISIONS = ("siglip", "clip", "eva_clip")
-FAMILIES = ("phi-1.5", "phi-2", "phi-3", "stablelm-2", "qwen1.5", "qwen2", "minicpm", "llama-3", "generic")
+FAMILIES = ("phi-1.5", "phi-2", "phi-3", "stablelm-2", "qwen1.5", "qwen2", "minicpm", "llama-3", "smollm2",
+            "generic")
 
 
 @functools.lru_cache(maxsize=1)

@@ -20,7 +20,8 @@ from transformers import (
 
 import bunny
 from bunny.model.assemble import assemble_model, detect_vision_encoder
-from bunny.model.checkpoints import detect_layout, save_model
+from bunny.model.layouts.ours import save_model
+from bunny.model.loading import detect_layout
 from bunny.model.tiny import TINY_VISION, tiny_text_config, tiny_vision_config
 from bunny.model.vision.eva_clip import EvaClipEncoder
 

@@ -10,8 +10,9 @@ from _tiny import tiny_images, tiny_model, tiny_model_folder
 from peft import LoraConfig, get_peft_model
 
 import bunny
-from bunny.model.checkpoints import detect_layout, save_model
-from bunny.model.lora import quiet_peft
+from bunny.model.layouts.lora import quiet_peft
+from bunny.model.layouts.ours import save_model
+from bunny.model.loading import detect_layout
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

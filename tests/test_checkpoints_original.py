@@ -10,7 +10,7 @@ from _tiny import tiny_images, tiny_model
 from safetensors.torch import save_file
 
 import bunny
-from bunny.model.checkpoints import detect_layout
+from bunny.model.loading import detect_layout
 
 RELEASE_TYPE = {"qwen1.5": "bunny-qwen2", "phi-2": "bunny-phi", "minicpm": "bunny-minicpm", "llama-3": "bunny-llama",
                 "phi-3": "bunny-phi3", "stablelm-2": "bunny-stablelm"}
@@ -111,7 +111,7 @@ def test_unknown_tower_is_a_clear_error(tmp_path):
 
 
 def test_known_hub_tower_needs_no_download(tmp_path):
-    from bunny.model.original import resolve_vision_tower
+    from bunny.model.layouts.original import resolve_vision_tower
 
     encoder, config, stats = resolve_vision_tower("google/siglip-so400m-patch14-384", tmp_path)
     assert encoder == "siglip" and config.hidden_size == 1152 and config.image_size == 384

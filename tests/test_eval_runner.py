@@ -190,7 +190,7 @@ def test_two_processes_answer_like_one(bench, reference, tmp_path):
     """torchrun --nproc_per_node 2 (gloo, CPU): every question answered once, merged in question order,
     the same answers as the single-process batch-1 run."""
     model, processor = tiny_model(seed=0)
-    from bunny.model.checkpoints import save_model
+    from bunny.model.layouts.ours import save_model
 
     folder = save_model(model, processor, tmp_path / "tiny")
     out = tmp_path / "out"

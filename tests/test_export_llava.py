@@ -11,7 +11,7 @@ from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGenerati
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 import bunny
-from bunny.model.llava import LlavaExportError, export_llava
+from bunny.model.layouts.llava import LlavaExportError, export_llava
 from bunny.model.tiny import round_vocab, tiny_text_config, tiny_vision_config
 
 PROMPT = [{"role": "user", "content": "<image>\nWhat is in the picture?"}]

@@ -18,7 +18,7 @@ from bunny.backbones.tokenizer import train_tokenizer, wrap
 from bunny.data.templates import get_template
 from bunny.infer.generate import GenerationRequest, Generator, SamplingParams
 from bunny.model.assemble import assemble_model
-from bunny.model.checkpoints import save_model
+from bunny.model.layouts.ours import save_model
 from bunny.model.special_tokens import TemplateTokenWarning, is_single_token
 from bunny.model.tiny import tiny_model, tiny_text_config, tiny_vision_config
 

@@ -104,7 +104,7 @@ def test_stage2_lora_from_stage1_then_merge_and_average(stage1, tmp_path):
     merged = tmp_path / "merged"
     assert main(["merge", "--model", str(out), "--out", str(merged)]) == 0
     m_model, m_proc = bunny.load_model(merged)
-    from bunny.model.lora import load_lora_model
+    from bunny.model.layouts.lora import load_lora_model
 
     l_model, _ = load_lora_model(final, merge=False)  # the PEFT wrapper kept, unmerged
     from peft import PeftModel

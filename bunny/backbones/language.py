@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bunny.data.synthetic.instruct import IMAGE, _pick, conversation, text_conversation
+from bunny.data.synthetic.instruct import IMAGE, conversation, pick_weighted, text_conversation
 from bunny.data.synthetic.scenes import Scene, caption, position_name, sample_scene
 
 # Single-turn kinds of image conversation and their weights (the rest is multi-turn, `multi_share`).
@@ -94,7 +94,7 @@ def lm_example(rng: np.random.Generator, s: LMSettings) -> tuple[list[tuple[str,
     if r < s.text_share + s.plain_share:
         # stage 1's `plain` template: the image, then its caption and a newline (caption learned)
         return [(IMAGE, False), (caption(scene, rng) + "\n", True)], scene
-    kind = "multi" if rng.random() < s.multi_share else _pick(rng, SINGLE_KINDS)
+    kind = "multi" if rng.random() < s.multi_share else pick_weighted(rng, SINGLE_KINDS)
     conv = conversation(kind, scene, rng, max_turns=s.turns)
     return render_bunny(conv), scene
 

@@ -24,7 +24,7 @@ from bunny.eval.runner import (
     load_answerer,
     run_tasks,
 )
-from bunny.eval.tasks import PAPER_ORDER, TASKS, EvalDataError, Task, build_task
+from bunny.eval.tasks import EvalDataError, Task, build_task, parse_task_names
 
 ModelSpec = str | Path | tuple[Any, Any] | GenerateFn
 
@@ -35,11 +35,7 @@ def build_tasks(tasks: str | Sequence[str | Task], data: str | Path | Mapping[st
     """Task objects from names (``"mme,pope"``, ``"all"`` or a list; Task objects pass through),
     each reading ``data`` (one folder for all, the parent of ``<task>/`` folders, or a mapping
     task -> folder). Every task's files are read and checked here."""
-    if isinstance(tasks, str):
-        names: list[str | Task] = list(PAPER_ORDER) if tasks.strip() == "all" else \
-            [t.strip() for t in tasks.split(",") if t.strip()]
-    else:
-        names = list(tasks)
+    names: list[str | Task] = list(parse_task_names(tasks)) if isinstance(tasks, str) else list(tasks)
     if not names:
         raise EvalDataError("no task given")
     out: list[Task] = []
@@ -47,7 +43,7 @@ def build_tasks(tasks: str | Sequence[str | Task], data: str | Path | Mapping[st
         if isinstance(t, Task):
             out.append(t)
             continue
-        TASKS.get(t)  # unknown -> error listing the known ones
+        parse_task_names([t])  # unknown -> error listing the known ones
         folder = data.get(t) if isinstance(data, Mapping) else data
         if folder is None:
             raise EvalDataError(f"no data folder for task {t}")

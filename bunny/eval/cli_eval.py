@@ -8,10 +8,9 @@ Bunny-v1.0-3B numbers beside ours. --data is a folder holding one folder per tas
 task), or, for a single task, that task's folder itself; see docs/evaluation.md for each layout.
 For several processes (GPUs), launch with torchrun: each takes every N-th question.
 
-tasks: mme, mmbench, seed, mmmu, vqav2, gqa, sqa, pope (or "all")
-task options (--option TASK.KEY=VALUE): mme.subtasks, pope.splits, sqa.subset (all|img),
-  seed.answer_rule (official|lmms-eval|vlmevalkit), seed.data_types (image,video), mmbench.lang (en|cn),
-  mmbench.circular (file|rotate), mmmu.images (first|all)
+tasks: {tasks} (or "all")
+task options (--option TASK.KEY=VALUE):
+{options}
 
 examples:
   bunny eval --model runs/stage2 --task mme,pope --data ~/benchmarks --out runs/eval --batch-size 16
@@ -26,7 +25,14 @@ import logging
 import sys
 from pathlib import Path
 
-from bunny.eval.tasks import PAPER_ORDER, TASKS, EvalDataError
+from bunny.eval.tasks import TASKS, EvalDataError, paper_order, parse_task_names
+
+
+def description() -> str:
+    """The help text: the module docstring with the registered tasks and their options filled in."""
+    names = paper_order()
+    options = [f"  {n}.{key}: {text}" for n in names for key, text in TASKS.get(n).option_names.items()]
+    return __doc__.format(tasks=", ".join(names), options="\n".join(options) or "  (none)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,10 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        names = list(PAPER_ORDER) if args.task.strip() == "all" else \
-            [t.strip() for t in args.task.split(",") if t.strip()]
-        for n in names:
-            TASKS.get(n)
+        names = parse_task_names(args.task)
         tasks = build_tasks(names, parse_data(args.data, names), parse_splits(args.split, names),
                             parse_options(args.option, names))
         evaluate(args.model, tasks, None, args.out, batch_size=args.batch_size, limit=args.limit,

@@ -79,7 +79,7 @@ def quantize_bnb(model: Any, bits: int, device: str | torch.device = "cuda",
 def load_for_inference(path: str, dtype: str | None = None, device: str | None = None, quantize: str = "none",
                        trust_remote_code: bool = False, model_id: str = "bunny") -> Generator:
     """``bunny.load_model`` + quantisation -> a :class:`Generator` (the model in eval mode)."""
-    from bunny.model.checkpoints import load_model
+    from bunny.model.loading import load_model
 
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")

@@ -6,7 +6,11 @@ backbones keep their pretrained weights, only the projector is new. Any local HF
 * vision: a ``SiglipModel``/``SiglipVisionModel`` or ``CLIPModel``/``CLIPVisionModel`` folder
   (transformers 4.x or 5 key names), or an EVA02-CLIP checkpoint file/folder (``visual.*``);
   its ``preprocessor_config.json`` gives the image mean/std;
-* LLM: any causal-LM folder of a registered family (or ``generic``), with its tokenizer.
+* LLM: any causal-LM folder of a registered family (or ``generic``), with its tokenizer, or a
+  ``.gguf`` file (``bunny.model.gguf``: converted once to such a folder);
+
+Either may be a hub name (``google/siglip-so400m-patch14-384``, ``microsoft/phi-2``): resolved
+through ``huggingface_hub`` (``bunny.model.hub``: the HF cache offline, a download online).
 
 The tokenizer gets an ``<image>`` special token when it has none; its id is ``image_token_id``.
 The embedding matrix is not resized for it: image positions are never looked up (the model writes
@@ -24,49 +28,14 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from bunny.model.checkpoints import configure_generation, default_image_processor
+from bunny.model.finish import finish_model
+from bunny.model.gguf import gguf_to_folder, is_gguf
+from bunny.model.hub import resolve_folder
 from bunny.model.language import LLM_FAMILIES, family_for_config, load_text_config
+from bunny.model.modeling import BunnyConfig, BunnyForConditionalGeneration
 from bunny.model.processing import BunnyProcessor
-from bunny.model.special_tokens import add_template_tokens
-from bunny.model.vision import VISION_ENCODERS, read_json
-
-IMAGE_TOKEN = "<image>"
-#: vision config model_type -> encoder registry name
-VISION_MODEL_TYPES = {
-    "siglip": "siglip", "siglip_vision_model": "siglip",
-    "clip": "clip", "clip_vision_model": "clip",
-    "bunny_eva_vision": "eva_clip",
-}
-
-
-def detect_vision_encoder(path: str | Path) -> str:
-    """The encoder registry name for a vision checkpoint folder (or EVA checkpoint file)."""
-    path = Path(path)
-    if path.is_file():
-        return "eva_clip"  # a bare .pt/.safetensors file: the released EVA-CLIP layout
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: vision checkpoint not found")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        if any(path.glob("*.pt")) or any(path.glob("*.safetensors")) or any(path.glob("*.pth")):
-            return "eva_clip"
-        raise FileNotFoundError(f"{path}: no config.json and no weights file: not a vision checkpoint")
-    model_type = read_json(config_file).get("model_type")
-    if model_type not in VISION_MODEL_TYPES:
-        raise ValueError(
-            f"{config_file}: cannot tell the vision encoder from model_type {model_type!r} (known: "
-            f"{', '.join(sorted(VISION_MODEL_TYPES))}); pass vision_encoder= one of {', '.join(VISION_ENCODERS.names())}"
-        )
-    return VISION_MODEL_TYPES[model_type]
-
-
-def add_image_token(tokenizer: Any, image_token: str = IMAGE_TOKEN) -> int:
-    """The id of ``image_token`` in ``tokenizer``, added as a special token when missing."""
-    vocab = tokenizer.get_vocab()
-    if image_token not in vocab:
-        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]},
-                                     replace_extra_special_tokens=False)
-    return int(tokenizer.convert_tokens_to_ids(image_token))
+from bunny.model.special_tokens import add_image_token
+from bunny.model.vision import VISION_ENCODERS, S2Wrapper, detect_vision_encoder
 
 
 def assemble_model(
@@ -88,16 +57,18 @@ def assemble_model(
     """Build ``(model, processor)`` from a vision checkpoint and an LLM folder; the projector is new
     (seeded with ``seed`` when given). Names left None are inferred (encoder from the vision config's
     model_type, family from the LLM config's, template from the family)."""
-    from bunny.model.modeling import BunnyConfig, BunnyForConditionalGeneration
-
+    vision_path = resolve_folder(vision_path, what="vision tower")  # hub names: the HF cache / a download
+    llm_path = resolve_folder(llm_path, what="language model")
+    if is_gguf(llm_path):  # a .gguf file: converted once to an HF folder (cached by its hash)
+        llm_path = gguf_to_folder(llm_path)
+    if tokenizer_path is not None:
+        tokenizer_path = resolve_folder(tokenizer_path, what="tokenizer")
     vision_encoder = vision_encoder or detect_vision_encoder(vision_path)
     encoder_cls = VISION_ENCODERS.get(vision_encoder)
     select = vision_feature_select or encoder_cls.default_feature_select
     encoder = encoder_cls.from_pretrained(vision_path, feature_layer=vision_feature_layer, feature_select=select,
                                           dtype=dtype)
     if s2_scales:
-        from bunny.model.vision.s2 import S2Wrapper
-
         encoder = S2Wrapper(encoder, list(s2_scales))
 
     text_config = load_text_config(llm_path, trust_remote_code=trust_remote_code)
@@ -128,11 +99,8 @@ def assemble_model(
     model.set_attn_implementation(config._attn_implementation or "sdpa")
     if dtype is not None:
         model.mm_projector.to(dtype)
-    processor = BunnyProcessor.for_config(tokenizer, default_image_processor(config, _stats_folder(vision_path)), config)
-    configure_generation(model, processor)
-    add_template_tokens(model, processor)  # the template's end token / role markers as single ids
-    model.eval()
-    return model, processor
+    # the template's end token / role markers as single ids (bunny.model.special_tokens)
+    return finish_model(model, tokenizer, stats_folder=_stats_folder(vision_path), add_tokens=True)
 
 
 def _stats_folder(vision_path: str | Path) -> Path | None:

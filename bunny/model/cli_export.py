@@ -31,13 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from bunny.model.checkpoints import load_model, save_model
+    from bunny.model.layouts.ours import save_model
+    from bunny.model.loading import load_model
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         model, processor = load_model(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
         if args.to == "llava-hf":
-            from bunny.model.llava import export_llava
+            from bunny.model.layouts.llava import export_llava
 
             out = export_llava(model, processor, args.out)
         else:

@@ -1,24 +1,30 @@
-"""LLM families: which transformers class, chat template and end-of-turn token each LLM uses.
+"""LLM families: which transformers class and chat template each LLM uses.
 
 One registry entry per family (``LLM_FAMILIES``); exact names, no substring matching. The template
 names refer to ``bunny.data.templates.TEMPLATES``.
 
-| family      | transformers class     | config model_type | template | end of turn       |
-|-------------|------------------------|-------------------|----------|-------------------|
-| phi-1.5     | PhiForCausalLM         | phi               | bunny    | <|endoftext|>     |
-| phi-2       | PhiForCausalLM         | phi               | bunny    | <|endoftext|>     |
-| phi-3       | Phi3ForCausalLM        | phi3              | phi3     | <|endoftext|>     |
-| stablelm-2  | StableLmForCausalLM    | stablelm          | bunny    | <|endoftext|>     |
-| qwen1.5     | Qwen2ForCausalLM       | qwen2             | bunny    | <|endoftext|>     |
-| qwen2       | Qwen2ForCausalLM       | qwen2             | chatml   | <|im_end|>        |
-| minicpm     | MiniCPMForCausalLM (*) | minicpm           | minicpm  | </s>              |
-| llama-3     | LlamaForCausalLM       | llama             | llama3   | <|end_of_text|>   |
-| generic     | AutoModelForCausalLM   | any               | bunny    | tokenizer's eos   |
+| family      | transformers class     | config model_type | template |
+|-------------|------------------------|-------------------|----------|
+| phi-1.5     | PhiForCausalLM         | phi               | bunny    |
+| phi-2       | PhiForCausalLM         | phi               | bunny    |
+| phi-3       | Phi3ForCausalLM        | phi3              | phi3     |
+| stablelm-2  | StableLmForCausalLM    | stablelm          | bunny    |
+| qwen1.5     | Qwen2ForCausalLM       | qwen2             | bunny    |
+| qwen2       | Qwen2ForCausalLM       | qwen2             | chatml   |
+| minicpm     | MiniCPMForCausalLM (*) | minicpm           | minicpm  |
+| llama-3     | LlamaForCausalLM       | llama             | llama3   |
+| smollm2     | LlamaForCausalLM       | llama             | chatml   |
+| generic     | AutoModelForCausalLM   | any               | bunny    |
+
+The end-of-turn token is the template's (``bunny.data.templates``: one source of truth), plus the
+tokenizer's eos (``bunny.model.generation``).
 
 (*) our own port (``bunny.model.minicpm``): transformers has no MiniCPM-1/2 class and the hub code
 needs ``trust_remote_code``; with the port a MiniCPM-2B folder loads offline without it.
 ``qwen2`` also serves Qwen2.5 (same architecture) and uses ChatML because the Qwen2/2.5 instruct models
 were trained on it; ``qwen1.5`` keeps Bunny's own template as the released Bunny-Qwen1.5 models did.
+``smollm2`` (HF's SmolLM2, the LLM of nanoVLM; often at hand as a ``.gguf`` file, see
+``bunny.model.gguf``) is Llama with ChatML: name it explicitly, a ``llama`` config defaults to ``llama-3``.
 ``generic`` loads any other ``AutoModelForCausalLM`` folder; it uses remote code only when the user
 passes ``trust_remote_code=True``.
 """
@@ -32,6 +38,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from bunny.model.minicpm import MiniCPMForCausalLM  # importing it registers minicpm with AutoConfig
 from bunny.registry import Registry
 
 
@@ -43,20 +50,13 @@ class LLMFamily:
     class_name: str | None
     #: config ``model_type`` values this family accepts (empty: any)
     model_types: tuple[str, ...]
+    #: ``TEMPLATES`` name the family's models were trained with
     chat_template: str
-    #: the token that ends an assistant turn (None: the tokenizer's eos token)
-    end_of_turn: str | None
-    #: the original Bunny release's config ``model_type`` for this family (checkpoint mapping)
-    bunny_model_type: str | None = None
-    #: whether loading needs the hub's remote code (none of ours does; see ``generic``)
-    remote_code: bool = False
 
     def model_class(self) -> type[PreTrainedModel]:
         if self.class_name is None:
             return AutoModelForCausalLM  # type: ignore[return-value]
         if self.class_name == "MiniCPMForCausalLM":
-            from bunny.model.minicpm import MiniCPMForCausalLM
-
             return MiniCPMForCausalLM
         return getattr(transformers, self.class_name)
 
@@ -93,15 +93,16 @@ class LLMFamily:
 LLM_FAMILIES: Registry[LLMFamily] = Registry("LLM family")
 
 for _family in (
-    LLMFamily("phi-1.5", "PhiForCausalLM", ("phi",), "bunny", "<|endoftext|>", "bunny-phi"),
-    LLMFamily("phi-2", "PhiForCausalLM", ("phi",), "bunny", "<|endoftext|>", "bunny-phi"),
-    LLMFamily("phi-3", "Phi3ForCausalLM", ("phi3",), "phi3", "<|endoftext|>", "bunny-phi3"),
-    LLMFamily("stablelm-2", "StableLmForCausalLM", ("stablelm",), "bunny", "<|endoftext|>", "bunny-stablelm"),
-    LLMFamily("qwen1.5", "Qwen2ForCausalLM", ("qwen2",), "bunny", "<|endoftext|>", "bunny-qwen2"),
-    LLMFamily("qwen2", "Qwen2ForCausalLM", ("qwen2",), "chatml", "<|im_end|>", "bunny-qwen2"),
-    LLMFamily("minicpm", "MiniCPMForCausalLM", ("minicpm",), "minicpm", "</s>", "bunny-minicpm"),
-    LLMFamily("llama-3", "LlamaForCausalLM", ("llama",), "llama3", "<|end_of_text|>", "bunny-llama"),
-    LLMFamily("generic", None, (), "bunny", None),
+    LLMFamily("phi-1.5", "PhiForCausalLM", ("phi",), "bunny"),
+    LLMFamily("phi-2", "PhiForCausalLM", ("phi",), "bunny"),
+    LLMFamily("phi-3", "Phi3ForCausalLM", ("phi3",), "phi3"),
+    LLMFamily("stablelm-2", "StableLmForCausalLM", ("stablelm",), "bunny"),
+    LLMFamily("qwen1.5", "Qwen2ForCausalLM", ("qwen2",), "bunny"),
+    LLMFamily("qwen2", "Qwen2ForCausalLM", ("qwen2",), "chatml"),
+    LLMFamily("minicpm", "MiniCPMForCausalLM", ("minicpm",), "minicpm"),
+    LLMFamily("llama-3", "LlamaForCausalLM", ("llama",), "llama3"),
+    LLMFamily("smollm2", "LlamaForCausalLM", ("llama",), "chatml"),
+    LLMFamily("generic", None, (), "bunny"),
 ):
     LLM_FAMILIES.register(_family.name, _family)
 
@@ -124,15 +125,11 @@ def family_for_config(config: PretrainedConfig) -> str:
 def load_text_config(path: str | Path, trust_remote_code: bool = False) -> PretrainedConfig:
     """The causal-LM config of a local folder. MiniCPM folders resolve to our port (``import bunny``
     registers it), so they need no remote code."""
-    import bunny.model  # noqa: F401  (registers minicpm with AutoConfig)
-
     return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
 def text_config_from_dict(raw: dict) -> PretrainedConfig:
     """Deserialise a text sub-config by its ``model_type`` (transformers' CONFIG_MAPPING + our ports)."""
-    import bunny.model  # noqa: F401  (registers minicpm with AutoConfig)
-
     raw = dict(raw)
     model_type = raw.pop("model_type", None)
     if model_type is None:

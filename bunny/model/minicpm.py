@@ -145,3 +145,7 @@ def register_minicpm() -> None:
             register()
         except ValueError:  # already registered
             pass
+
+
+# Registered on import: any module that loads a text config imports this one first.
+register_minicpm()

@@ -20,11 +20,11 @@ from transformers import AutoConfig, GenerationMixin, PreTrainedConfig, PreTrain
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from bunny.model.language import LLM_FAMILIES, family_for_config
+from bunny.data.templates import IGNORE_INDEX
+from bunny.model.language import LLM_FAMILIES, family_for_config, text_config_from_dict
 from bunny.model.projectors import build_projector, projector_num_tokens
 from bunny.model.vision import FEATURE_SELECTS, VISION_ENCODERS, build_vision_encoder
 
-IGNORE_INDEX = -100
 IMAGE_MODES = ("pad", "square")
 
 
@@ -75,8 +75,6 @@ class BunnyConfig(PreTrainedConfig):
         elif self.vision_config is None:
             self.vision_config = encoder_cls.config_class()
         if isinstance(self.text_config, dict) and "model_type" in self.text_config:
-            from bunny.model.language import text_config_from_dict
-
             self.text_config = text_config_from_dict(self.text_config)
         super().__post_init__(**kwargs)
 
@@ -104,7 +102,7 @@ class BunnyConfig(PreTrainedConfig):
         """Tokens one image becomes in the LLM sequence (encoder tokens through the projector)."""
         encoder_cls = VISION_ENCODERS.get(self.vision_encoder)
         n = encoder_cls.count_tokens(self.vision_config, self.vision_feature_select)
-        return projector_num_tokens(self.projector_type, n)
+        return projector_num_tokens(self, n)
 
     @property
     def image_size(self) -> int:
@@ -152,12 +150,11 @@ class BunnyForConditionalGeneration(BunnyPreTrainedModel, GenerationMixin):
             feature_select=config.vision_feature_select,
             s2_scales=config.s2_scales,
         )
-        self.mm_projector = build_projector(
-            config.projector_type, self.vision_tower.hidden_size, config.text_config.hidden_size
-        )
+        self.mm_projector = build_projector(config, self.vision_tower.hidden_size)
         family = LLM_FAMILIES.get(config.llm_family)
         self.language_model = language_model if language_model is not None else family.build(config.text_config)
-        built_tokens = self.mm_projector.num_output_tokens(self.vision_tower.num_tokens)
+        count = getattr(self.mm_projector, "num_output_tokens", None)  # projectors that can count check it
+        built_tokens = count(self.vision_tower.num_tokens) if count is not None else config.num_image_tokens
         if built_tokens != config.num_image_tokens:
             raise ValueError(
                 f"the built vision tower + projector give {built_tokens} tokens per image but the config "

@@ -27,11 +27,12 @@ from PIL import Image
 from transformers import AutoTokenizer, BatchFeature
 
 from bunny.data.images import ImageSource, load_image, preprocess
-from bunny.data.templates import IMAGE_PLACEHOLDER, Segment, _encode_segments, _tok_info
+from bunny.data.templates import IMAGE_PLACEHOLDER, Segment, encode_segments, get_template, tokenizer_facts
+from bunny.model.modeling import IMAGE_MODES, BunnyConfig
+from bunny.model.vision import VISION_ENCODERS
 
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 PROCESSOR_FILE = "processor_config.json"
-IMAGE_MODES = ("pad", "square")
 # PIL's resampling filter numbers, as transformers writes them in preprocessor_config.json
 BICUBIC = int(Image.Resampling.BICUBIC)
 
@@ -104,6 +105,16 @@ class BunnyImageProcessor:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(out_dir) / IMAGE_PROCESSOR_FILE, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def for_config(cls, config: Any, vision_path: str | Path | None = None) -> BunnyImageProcessor:
+        """The image processor for a ``BunnyConfig``: mean/std from the vision folder's
+        preprocessor_config.json when given (else the encoder's defaults), size = the model's input
+        size (the largest S^2 scale), mode = ``config.image_aspect_ratio``."""
+        encoder_cls = VISION_ENCODERS.get(config.vision_encoder)
+        stats = encoder_cls.image_processor_config(vision_path, config.vision_config)
+        return cls(size=config.image_size, image_mean=stats["image_mean"], image_std=stats["image_std"],
+                   image_aspect_ratio=config.image_aspect_ratio)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "image processor config",
@@ -205,16 +216,14 @@ class BunnyProcessor:
         ``num_image_tokens`` x ``image_token_id`` for every ``<image>``."""
         if self.image_token != IMAGE_PLACEHOLDER:
             text = text.replace(self.image_token, IMAGE_PLACEHOLDER)
-        ids, _ = _encode_segments([Segment(text, False)], self.tokenizer, self.image_token_id, self.num_image_tokens)
+        ids, _ = encode_segments([Segment(text, False)], self.tokenizer, self.image_token_id, self.num_image_tokens)
         if not add_special_tokens:
-            prefix = _tok_info(self.tokenizer)["prefix"]
+            prefix = tokenizer_facts(self.tokenizer)["prefix"]
             ids = ids[len(prefix):]
         return ids
 
     def render(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
         """The chat template's prompt text for ``messages`` (``<image>`` placeholders kept)."""
-        from bunny.data.templates import get_template
-
         if self.chat_template is None:
             raise ValueError("this processor has no chat_template name")
         return get_template(self.chat_template).render(messages, add_generation_prompt=add_generation_prompt)
@@ -326,8 +335,6 @@ class BunnyProcessor:
             with open(file, encoding="utf-8") as f:
                 raw = json.load(f)
         elif (path / "config.json").is_file():  # a model folder without processor_config.json
-            from bunny.model.modeling import BunnyConfig
-
             config = BunnyConfig.from_pretrained(str(path))
             raw = {"image_token_id": config.image_token_id, "num_image_tokens": config.num_image_tokens,
                    "chat_template": config.chat_template}

@@ -13,15 +13,20 @@ Names (exact, or one of the parameterised forms below):
   ``ceil_mode``: the last row/column windows average the 1 or 2 cells that exist (no zero padding
   enters the mean), giving ceil(g/2)^2 tokens (SigLIP's 27x27 -> 14x14 = 196).
 
-Every projector exposes ``num_output_tokens(n_in)``; ``projector_num_tokens(name, n_in)`` answers the
-same question from the name alone (the config uses it to derive ``num_image_tokens``).
+A projector is registered as a *kind*: an object with ``build(config, vision_dim, text_dim) ->
+nn.Module`` and ``num_tokens(config, n_in) -> int`` (how many tokens ``n_in`` encoder tokens become).
+Both get the whole ``BunnyConfig``, so a projector that changes the token count (a resampler with
+learned queries, pixel shuffle) is its own registered class and nothing else changes:
+``BunnyConfig.num_image_tokens`` asks the kind. A projector class can be its own kind
+(``ProjectorMixin`` gives the two classmethods for "same token count, built from the two widths").
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -29,10 +34,17 @@ from torch.nn import functional as F
 
 from bunny.registry import Registry, UnknownNameError
 
-ProjectorFactory = Callable[[int, int], nn.Module]
 
-#: exact names -> factory(vision_dim, text_dim)
-PROJECTORS: Registry[ProjectorFactory] = Registry("projector")
+class ProjectorKind(Protocol):
+    """What the registry holds: how to build a projector and how many tokens it outputs."""
+
+    def build(self, config: Any, vision_dim: int, text_dim: int) -> nn.Module: ...
+
+    def num_tokens(self, config: Any, n_in: int) -> int: ...
+
+
+#: exact names -> projector kind
+PROJECTORS: Registry[ProjectorKind] = Registry("projector")
 
 _MLP = re.compile(r"^mlp(\d+)x_gelu$")
 _POOL = re.compile(r"^avgpool2x2_(.+)$")
@@ -44,6 +56,14 @@ class ProjectorMixin:
     """Shared by every projector: optional 2x2 token pooling before the layers, and token counting."""
 
     pool_2x2: bool = False
+
+    @classmethod
+    def build(cls, config: Any, vision_dim: int, text_dim: int) -> nn.Module:
+        return cls(vision_dim, text_dim)
+
+    @classmethod
+    def num_tokens(cls, config: Any, n_in: int) -> int:
+        return n_in
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         return avg_pool_tokens(x) if self.pool_2x2 else x
@@ -114,31 +134,55 @@ PROJECTORS.register("linear", LinearProjector)
 PROJECTORS.register("identity", IdentityProjector)
 
 
-def _unknown(name: str) -> UnknownNameError:
-    return UnknownNameError(
+@dataclass(frozen=True)
+class MLPKind:
+    """``mlp{N}x_gelu``."""
+
+    depth: int
+
+    def build(self, config: Any, vision_dim: int, text_dim: int) -> nn.Module:
+        return MLPProjector(vision_dim, text_dim, depth=self.depth)
+
+    def num_tokens(self, config: Any, n_in: int) -> int:
+        return n_in
+
+
+@dataclass(frozen=True)
+class PooledKind:
+    """``avgpool2x2_{inner}``: 2x2 pooling in front of ``inner`` (keys stay the inner projector's)."""
+
+    name: str
+    inner: ProjectorKind
+
+    def build(self, config: Any, vision_dim: int, text_dim: int) -> nn.Module:
+        module = self.inner.build(config, vision_dim, text_dim)
+        if not isinstance(module, ProjectorMixin) or module.pool_2x2:
+            raise ValueError(f"projector {self.name!r}: the inner projector cannot be pooled")
+        module.pool_2x2 = True
+        return module
+
+    def num_tokens(self, config: Any, n_in: int) -> int:
+        return self.inner.num_tokens(config, pooled_tokens(n_in))
+
+
+def projector_kind(name: str) -> ProjectorKind:
+    """The kind for an exact registered name or one of the parameterised forms (``PATTERNS``)."""
+    if name in PROJECTORS:
+        return PROJECTORS.get(name)
+    if m := _MLP.match(name):
+        return MLPKind(int(m.group(1)))
+    if m := _POOL.match(name):
+        return PooledKind(name, projector_kind(m.group(1)))
+    raise UnknownNameError(
         f"unknown projector {name!r}; known: {', '.join(PROJECTORS.names())}, and the forms {', '.join(PATTERNS)}"
     )
 
 
-def build_projector(name: str, vision_dim: int, text_dim: int) -> nn.Module:
-    """Build the projector called ``name`` (see the module docstring for the names)."""
-    if name in PROJECTORS:
-        return PROJECTORS.get(name)(vision_dim, text_dim)
-    if m := _MLP.match(name):
-        return MLPProjector(vision_dim, text_dim, depth=int(m.group(1)))
-    if m := _POOL.match(name):
-        inner = build_projector(m.group(1), vision_dim, text_dim)
-        if not isinstance(inner, ProjectorMixin) or inner.pool_2x2:
-            raise ValueError(f"projector {name!r}: {m.group(1)!r} cannot be pooled")
-        inner.pool_2x2 = True
-        return inner
-    raise _unknown(name)
+def build_projector(config: Any, vision_dim: int) -> nn.Module:
+    """The projector ``config.projector_type`` from ``vision_dim`` features to the LLM's width."""
+    return projector_kind(config.projector_type).build(config, vision_dim, int(config.text_config.hidden_size))
 
 
-def projector_num_tokens(name: str, n_in: int) -> int:
-    """How many tokens the projector ``name`` turns ``n_in`` image tokens into (no module is built)."""
-    if name in PROJECTORS or _MLP.match(name):
-        return n_in
-    if m := _POOL.match(name):
-        return projector_num_tokens(m.group(1), pooled_tokens(n_in))
-    raise _unknown(name)
+def projector_num_tokens(config: Any, n_in: int) -> int:
+    """How many tokens ``config.projector_type`` turns ``n_in`` image tokens into (no module is built)."""
+    return projector_kind(config.projector_type).num_tokens(config, n_in)

@@ -1,5 +1,6 @@
-"""A chat template's special strings as single tokens: add the missing ones when a model is built,
-warn when a loaded folder lacks them.
+"""Special tokens of a model's tokenizer: the ``<image>`` token, and a chat template's special
+strings as single tokens (add the missing ones when a model is built, warn when a loaded folder
+lacks them).
 
 Why: a template's end token (ChatML's ``<|im_end|>``, Llama 3's ``<|eot_id|>``) and its role markers
 (``<|im_start|>``, ``<|start_header_id|>``) are meant to be ONE id each. Training learns the end token
@@ -9,7 +10,8 @@ data, an LLM's tokenizer used under another family's template) splits ``<|im_end
 model learns to spell it, no end id exists, and ``bunny chat`` / ``bunny eval`` run to the token limit
 printing ``<|im_end|im_end|...``.
 
-So, where a model is built (``assemble_model``, ``tiny_model``, the training start model), the
+So, where a model is built (``bunny.model.finish.finish_model`` for assembly and tiny models; the
+training start model), the
 missing strings become special tokens and the LLM's embeddings grow to hold them: a new row (input
 and output embedding, and the output bias if any) starts as the mean of the existing rows, which
 gives the new token ordinary logits instead of a random spike. A string the vocabulary already holds
@@ -27,11 +29,26 @@ from typing import Any
 import torch
 from tokenizers import AddedToken
 
-from bunny.data.templates import forget_tokenizer, get_template
+from bunny.data.templates import IMAGE_PLACEHOLDER, forget_tokenizer, get_template
+from bunny.model.generation import configure_generation
+
+IMAGE_TOKEN = IMAGE_PLACEHOLDER
 
 
 class TemplateTokenWarning(UserWarning):
     """A loaded model's tokenizer splits a special string of its chat template into several tokens."""
+
+
+def add_image_token(tokenizer: Any, image_token: str = IMAGE_TOKEN) -> int:
+    """The id of ``image_token`` in ``tokenizer``, added as a special token when missing.
+
+    The embedding matrix is not resized for it: image positions are never looked up (the model
+    writes image features there), so an id at or beyond the LLM's vocabulary is fine."""
+    vocab = tokenizer.get_vocab()
+    if image_token not in vocab:
+        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]},
+                                     replace_extra_special_tokens=False)
+    return int(tokenizer.convert_tokens_to_ids(image_token))
 
 
 def is_single_token(tokenizer: Any, text: str) -> bool:
@@ -56,8 +73,6 @@ def add_template_tokens(model: Any, processor: Any, templates: str | list[str] |
     config's ``vocab_size`` follows, and the generation config's end ids are recomputed (they now
     include the template's end token). Returns the strings added (empty: nothing changed).
     """
-    from bunny.model.checkpoints import configure_generation
-
     if templates is None:
         templates = [model.config.chat_template] if model.config.chat_template else []
     elif isinstance(templates, str):

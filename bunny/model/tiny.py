@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from bunny.model.finish import finish_model
 from bunny.model.language import LLM_FAMILIES
+from bunny.model.modeling import BunnyConfig, BunnyForConditionalGeneration
 from bunny.model.vision import VISION_ENCODERS
 
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -24,7 +26,8 @@ TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_
 #: model_type of the tiny text config per family (``generic`` uses an architecture no family claims)
 FAMILY_MODEL_TYPE = {
     "phi-1.5": "phi", "phi-2": "phi", "phi-3": "phi3", "stablelm-2": "stablelm", "qwen1.5": "qwen2",
-    "qwen2": "qwen2", "minicpm": "minicpm", "llama-3": "llama", "generic": "mistral",
+    "qwen2": "qwen2", "minicpm": "minicpm", "llama-3": "llama", "smollm2": "llama",
+    "generic": "mistral",
 }
 #: per-architecture extras (fields the tiny defaults do not cover, or that must be small)
 _TEXT_EXTRAS: dict[str, dict[str, Any]] = {
@@ -38,9 +41,7 @@ def tiny_vision_config(vision: str = "siglip", **overrides: Any) -> PretrainedCo
     """The encoder's own config class with tiny sizes (``overrides`` win)."""
     cls = VISION_ENCODERS.get(vision).config_class
     values = {**TINY_VISION, **overrides}
-    if vision == "eva_clip":
-        values.setdefault("projection_dim", 16)
-        values.setdefault("rope_pt_grid_size", values["image_size"] // values["patch_size"])
+    values = {**VISION_ENCODERS.get(vision).tiny_config_extras(values), **values}
     return cls(**values)
 
 
@@ -49,8 +50,6 @@ def tiny_text_config(family: str = "qwen2", vocab_size: int = 1024, bos_token_id
                      **overrides: Any) -> PretrainedConfig:
     """A tiny causal-LM config of the family's architecture."""
     LLM_FAMILIES.get(family)  # unknown family -> error listing the known ones
-    import bunny.model  # noqa: F401  (registers minicpm)
-
     model_type = FAMILY_MODEL_TYPE[family]
     values: dict[str, Any] = {**TINY_TEXT, **_TEXT_EXTRAS.get(model_type, {})}
     values.update(vocab_size=vocab_size, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
@@ -81,11 +80,6 @@ def tiny_model(
     The chat template's special strings missing from the tokenizer are added to it (in place) as
     special tokens, with embedding rows (``bunny.model.special_tokens``).
     """
-    from bunny.model.checkpoints import configure_generation, default_image_processor
-    from bunny.model.modeling import BunnyConfig, BunnyForConditionalGeneration
-    from bunny.model.processing import BunnyProcessor
-    from bunny.model.special_tokens import add_template_tokens
-
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     if image_token_id is None or image_token_id == tokenizer.unk_token_id:
         raise ValueError("the tokenizer has no <image> token; add it as a special token first")
@@ -110,9 +104,5 @@ def tiny_model(
     model = BunnyForConditionalGeneration(config)
     if dtype is not None:
         model.to(dtype)
-    model.eval()
-    processor = BunnyProcessor.for_config(tokenizer, default_image_processor(config), config)
-    configure_generation(model, processor)
     # a tokenizer trained on the data has no <|im_end|> etc.: make the template's tokens single ids
-    add_template_tokens(model, processor)
-    return model, processor
+    return finish_model(model, tokenizer, add_tokens=True)

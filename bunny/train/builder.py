@@ -49,7 +49,7 @@ def projector_state(path: Path) -> dict[str, torch.Tensor]:
         folder = model_folder_of(path)
         if folder is None:
             raise FileNotFoundError(f"projector_from: {path} has no {PROJECTOR_FILE} and no model folder")
-        from bunny.model.vision import read_state_dict
+        from bunny.model.files import read_state_dict
 
         state = read_state_dict(folder)
     if any(k.startswith("mm_projector.") for k in state):
@@ -123,7 +123,7 @@ def build_start_model(cfg: TrainConfig, texts_fn, main: bool = True, barrier=lam
     """``(model, processor, base_folder)``; ``base_folder`` is the folder the model was loaded from
     (a LoRA run refers to it; the run's own processor files carry a changed template or image mode),
     or None when the start model exists only in memory."""
-    from bunny.model.checkpoints import load_model
+    from bunny.model.loading import load_model
 
     base: Path | None = None
     if cfg.model_name_or_path is not None:
@@ -149,10 +149,8 @@ def build_start_model(cfg: TrainConfig, texts_fn, main: bool = True, barrier=lam
             tok, vision=t.vision_encoder, family=t.llm_family, projector_type=cfg.projector_type,
             s2_scales=cfg.s2_scales, seed=t.seed, vision_overrides=t.vision, text_overrides=t.text, **extra)
     else:
-        try:
-            from bunny.model.assemble import assemble_model
-        except ImportError as exc:  # pragma: no cover - until the model package ships it
-            raise RuntimeError("vision_tower + language_model needs bunny.model.assemble (not available)") from exc
+        from bunny.model.assemble import assemble_model
+
         kwargs: dict[str, Any] = {"projector_type": cfg.projector_type}
         for key in ("llm_family", "vision_encoder", "s2_scales"):
             if getattr(cfg, key) is not None:

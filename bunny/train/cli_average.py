@@ -45,7 +45,7 @@ def average_folders(folders: list[Path], weights: list[float], out: Path) -> Pat
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from bunny.model.checkpoints import atomic_folder
+    from bunny.model.files import atomic_folder
 
     maps = [_tensor_files(f) for f in folders]
     names = sorted(maps[0])
@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
             path = Path(m)
             lora = next((c for c in (path, path / "final") if (c / LORA_META).is_file()), None)
             if lora is not None:  # merge the LoRA into its base first
-                from bunny.model.checkpoints import load_model, save_model
+                from bunny.model.layouts.ours import save_model
+                from bunny.model.loading import load_model
 
                 model, processor = load_model(lora)  # merged into its base
                 path = save_model(model, processor, Path(scratch) / f"merged-{k}")

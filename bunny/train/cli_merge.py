@@ -35,7 +35,8 @@ def lora_folder(path: str | Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from bunny.model.checkpoints import load_model, save_model
+    from bunny.model.layouts.ours import save_model
+    from bunny.model.loading import load_model
 
     folder = lora_folder(args.model)
     model, processor = load_model(folder)  # a LoRA folder loads merged into its base

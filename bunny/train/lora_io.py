@@ -11,7 +11,7 @@ Layout (what ``bunny train`` writes in ``final/`` when ``tune: lora``)::
 Why not save the whole model: the base is multi-GB and unchanged; the run's own tensors are the
 adapter (r=128 on Phi-2: ~190M numbers) and the projector. ``bunny merge`` folds the adapter into the
 base and writes a normal model folder; ``bunny.load_model`` opens this folder directly (the loader
-is ``bunny.model.lora``).
+is ``bunny.model.layouts.lora``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def save_lora_run(model: Any, processor: Any, out_dir: str | Path, base_model: s
     """Write the LoRA folder atomically (``model.language_model`` must be a PEFT model)."""
     from safetensors.torch import save_file
 
-    from bunny.model.checkpoints import atomic_folder
+    from bunny.model.files import atomic_folder
 
     with atomic_folder(out_dir) as tmp:
         model.language_model.save_pretrained(str(tmp))

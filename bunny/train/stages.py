@@ -74,7 +74,7 @@ def apply_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Wrap ``model.language_model`` with PEFT LoRA (in place); returns the PEFT model."""
     from peft import LoraConfig, get_peft_model
 
-    from bunny.model.lora import quiet_peft
+    from bunny.model.layouts.lora import quiet_peft
 
     llm = model.language_model
     targets = lora_target_names(llm, cfg.lora.targets)

@@ -173,7 +173,7 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
     # ---- what trains ----------------------------------------------------------------------------
     lora = cfg.tune == "lora"
     if lora and base_folder is None and dist.is_main:  # the LoRA folder needs its base on disk
-        from bunny.model.checkpoints import save_model
+        from bunny.model.layouts.ours import save_model
 
         base_folder = (out / "base").resolve()
         if not (base_folder / "config.json").is_file():
@@ -350,7 +350,8 @@ def _write_final(cfg: TrainConfig, model: Any, processor: Any, final: Path, base
                  out: Path) -> None:
     from safetensors.torch import save_file
 
-    from bunny.model.checkpoints import configure_generation, save_model
+    from bunny.model.generation import configure_generation
+    from bunny.model.layouts.ours import save_model
     from bunny.train.stages import disable_gradient_checkpointing, llm_of
 
     llm = llm_of(model)
@@ -365,7 +366,7 @@ def _write_final(cfg: TrainConfig, model: Any, processor: Any, final: Path, base
         assert base_folder is not None
         save_lora_run(model, processor, final, base_folder)
         if cfg.save_merged:
-            from bunny.model.checkpoints import load_model
+            from bunny.model.loading import load_model
 
             merged, proc = load_model(final)  # a LoRA folder loads merged into its base
             save_model(merged, proc, out / "final_merged")

@@ -52,7 +52,8 @@ DESCRIBE_PROMPTS = ("Describe the image in detail.", "What is in this image? Des
 CAPTION_PROMPTS = ("Write a short caption for the image.", "Caption this picture briefly.")
 
 
-def _pick(rng: np.random.Generator, weights: dict[str, float]) -> str:
+def pick_weighted(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    """One key of ``weights``, drawn with probability proportional to its weight."""
     names = list(weights)
     p = np.array([weights[n] for n in names], dtype=float)
     return names[int(rng.choice(len(names), p=p / p.sum()))]
@@ -64,7 +65,7 @@ def _turn(human: str, gpt: str) -> list[dict]:
 
 def _short(scene, rng):
     for _ in range(10):
-        qa = ask(_pick(rng, SHORT_WEIGHTS), scene, rng)
+        qa = ask(pick_weighted(rng, SHORT_WEIGHTS), scene, rng)
         if qa is not None:
             return qa.question + SHORT_SUFFIX, qa.answer
     raise RuntimeError("no question applies")  # count always applies; unreachable
@@ -72,7 +73,7 @@ def _short(scene, rng):
 
 def _yesno(scene, rng):
     for _ in range(10):
-        qa = ask(_pick(rng, YN_WEIGHTS), scene, rng)
+        qa = ask(pick_weighted(rng, YN_WEIGHTS), scene, rng)
         if qa is not None:
             return qa.question + YN_SUFFIXES[int(rng.integers(len(YN_SUFFIXES)))], qa.answer
     raise RuntimeError("no question applies")
@@ -80,7 +81,7 @@ def _yesno(scene, rng):
 
 def _mc(scene, rng):
     for _ in range(10):
-        qa = ask(_pick(rng, SHORT_WEIGHTS), scene, rng)
+        qa = ask(pick_weighted(rng, SHORT_WEIGHTS), scene, rng)
         if qa is not None and len(qa.space) >= 2:
             n = int(rng.integers(2, 5))
             opts, k = choices_for(qa, rng, n)

@@ -162,64 +162,23 @@ def generate_world(
             shutil.rmtree(root / sub)
     root.mkdir(parents=True, exist_ok=True)
     ss = np.random.SeedSequence(seed)
-    rng_pool, rng_inst, rng_bench = (np.random.default_rng(s) for s in ss.spawn(3))
+    rng_pool, rng_inst, _ = (np.random.default_rng(s) for s in ss.spawn(3))
     timings = {}
     scene_lines: list[dict] = []
 
-    # -- pool
     t = time.perf_counter()
-    records, images = build_pool(n_images, rng_pool, image_size, grid, cfg.defects)
-    for rel, data in images.items():
-        p = root / "images" / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    _write_json(root / "pool.json", [pool_sample(r) for r in records])
-    pd.DataFrame(
-        {
-            "id": [r["id"] for r in records],
-            "image": [r["image"] for r in records],
-            "defect": [r["defect"] for r in records],
-            "source": [r["source"] for r in records],
-            "is_defective": [r["defect"] != "none" for r in records],
-        }
-    ).to_parquet(root / "defects.parquet", index=False)
-    for r in records:
-        facts = r["scene"].to_dict() if r["scene"] is not None else {"background": None, "grid": grid, "objects": []}
-        scene_lines.append({"key": r["image"], "split": "pool", **facts})
+    records = _write_pool(root, cfg, rng_pool, scene_lines)
     timings["pool"] = time.perf_counter() - t
 
-    # -- instruction data
     t = time.perf_counter()
-    inst_scenes: list[tuple[str, Scene]] = []
-    (root / "images" / "instruct").mkdir(parents=True, exist_ok=True)
-    for i in range(cfg.n_instruct):
-        s = sample_scene(rng_inst, grid)
-        rel = f"instruct/{i:06d}.jpg"
-        (root / "images" / rel).write_bytes(encode(render(s, image_size, rng_inst), "JPEG", quality=92))
-        inst_scenes.append((rel, s))
-        scene_lines.append({"key": rel, "split": "instruct", **s.to_dict()})
-    n_text = int(round(cfg.n_instruct * text_share / max(1e-9, 1 - text_share)))
-    samples = build_instruct(inst_scenes, n_text, rng_inst, cfg.instruct_kinds, cfg.max_turns)
-    kinds: dict[str, int] = {}
-    for smp in samples:
-        k = smp.pop("kind")
-        kinds[k] = kinds.get(k, 0) + 1
-    _write_json(root / "instruct.json", samples)
+    samples, inst_scenes, kinds = _write_instruct(root, cfg, rng_inst, scene_lines)
     timings["instruct"] = time.perf_counter() - t
 
-    # -- benchmarks, from scenes whose facts no training image has
+    # benchmarks, from scenes whose facts no training image has
     t = time.perf_counter()
     forbidden = {r["scene"].signature() for r in records if r["scene"] is not None}
     forbidden |= {s.signature() for _, s in inst_scenes}
-    bench_meta = {}
-    for task, s in zip(tasks, np.random.SeedSequence(seed).spawn(4 + len(tasks))[4:]):
-        ctx = BenchContext(np.random.default_rng(s), image_size, grid, set(forbidden))
-        task_dir = root / "bench" / task
-        task_dir.mkdir(parents=True, exist_ok=True)
-        bench_meta[task] = writer(task).write(task_dir, ctx, bench_size)
-        for key, facts in ctx.scenes.items():
-            scene_lines.append({"key": f"bench/{task}/{key}", "split": f"bench/{task}", **facts})
-    _write_json(root / "bench" / "meta.json", bench_meta)
+    bench_meta = _write_benchmarks(root, cfg, tasks, forbidden, scene_lines)
     timings["bench"] = time.perf_counter() - t
 
     with open(root / "scenes.jsonl", "w", encoding="utf-8") as f:
@@ -241,3 +200,63 @@ def generate_world(
             "bench": bench_meta, "seconds": round(seconds, 3), "timings": timings}
     (root / "world.json").write_text(json.dumps(meta, indent=1))
     return World(root, cfg, counts, bench_meta, seconds)
+
+
+def _write_pool(root: Path, cfg: WorldConfig, rng: np.random.Generator, scene_lines: list[dict]) -> list[dict]:
+    """The raw pool (images, ``pool.json``, ``defects.parquet``); appends each image's facts."""
+    records, images = build_pool(cfg.n_images, rng, cfg.image_size, cfg.grid, cfg.defects)
+    for rel, data in images.items():
+        p = root / "images" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    _write_json(root / "pool.json", [pool_sample(r) for r in records])
+    pd.DataFrame(
+        {
+            "id": [r["id"] for r in records],
+            "image": [r["image"] for r in records],
+            "defect": [r["defect"] for r in records],
+            "source": [r["source"] for r in records],
+            "is_defective": [r["defect"] != "none" for r in records],
+        }
+    ).to_parquet(root / "defects.parquet", index=False)
+    for r in records:
+        facts = r["scene"].to_dict() if r["scene"] is not None else {"background": None, "grid": cfg.grid,
+                                                                      "objects": []}
+        scene_lines.append({"key": r["image"], "split": "pool", **facts})
+    return records
+
+
+def _write_instruct(root: Path, cfg: WorldConfig, rng: np.random.Generator, scene_lines: list[dict]
+                    ) -> tuple[list[dict], list[tuple[str, Scene]], dict[str, int]]:
+    """Instruction images and ``instruct.json`` -> (samples, (image, scene) pairs, count per kind)."""
+    inst_scenes: list[tuple[str, Scene]] = []
+    (root / "images" / "instruct").mkdir(parents=True, exist_ok=True)
+    for i in range(cfg.n_instruct):
+        s = sample_scene(rng, cfg.grid)
+        rel = f"instruct/{i:06d}.jpg"
+        (root / "images" / rel).write_bytes(encode(render(s, cfg.image_size, rng), "JPEG", quality=92))
+        inst_scenes.append((rel, s))
+        scene_lines.append({"key": rel, "split": "instruct", **s.to_dict()})
+    n_text = int(round(cfg.n_instruct * cfg.text_share / max(1e-9, 1 - cfg.text_share)))
+    samples = build_instruct(inst_scenes, n_text, rng, cfg.instruct_kinds, cfg.max_turns)
+    kinds: dict[str, int] = {}
+    for smp in samples:
+        k = smp.pop("kind")
+        kinds[k] = kinds.get(k, 0) + 1
+    _write_json(root / "instruct.json", samples)
+    return samples, inst_scenes, kinds
+
+
+def _write_benchmarks(root: Path, cfg: WorldConfig, tasks: tuple[str, ...], forbidden: set,
+                      scene_lines: list[dict]) -> dict:
+    """Every benchmark of ``tasks`` under ``bench/`` (each from its own random stream) -> meta."""
+    bench_meta = {}
+    for task, s in zip(tasks, np.random.SeedSequence(cfg.seed).spawn(4 + len(tasks))[4:]):
+        ctx = BenchContext(np.random.default_rng(s), cfg.image_size, cfg.grid, set(forbidden))
+        task_dir = root / "bench" / task
+        task_dir.mkdir(parents=True, exist_ok=True)
+        bench_meta[task] = writer(task).write(task_dir, ctx, cfg.bench_size)
+        for key, facts in ctx.scenes.items():
+            scene_lines.append({"key": f"bench/{task}/{key}", "split": f"bench/{task}", **facts})
+    _write_json(root / "bench" / "meta.json", bench_meta)
+    return bench_meta

@@ -17,7 +17,7 @@ identical to ``bunny`` (``<|endoftext|>``).
 
 from __future__ import annotations
 
-from bunny.data.templates import TEMPLATES, ChatTemplate
+from bunny.data.templates.base import TEMPLATES, ChatTemplate
 
 BUNNY_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "

@@ -9,7 +9,7 @@ token, so that newline is never generated). Qwen adds no BOS.
 
 from __future__ import annotations
 
-from bunny.data.templates import TEMPLATES, ChatTemplate
+from bunny.data.templates.base import TEMPLATES, ChatTemplate
 
 
 class ChatMLTemplate(ChatTemplate):

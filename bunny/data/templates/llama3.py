@@ -17,7 +17,7 @@ the Bunny format (``USER: ... ASSISTANT: ...``) with the BOS and ``<|end_of_text
 
 from __future__ import annotations
 
-from bunny.data.templates import TEMPLATES, ChatTemplate
+from bunny.data.templates.base import TEMPLATES, ChatTemplate
 from bunny.data.templates.bunny import BunnyTemplate
 
 

@@ -14,7 +14,7 @@ Bunny's MiniCPM model used the Bunny format with the BOS and ``</s>`` as the end
 
 from __future__ import annotations
 
-from bunny.data.templates import TEMPLATES, ChatTemplate
+from bunny.data.templates.base import TEMPLATES, ChatTemplate
 from bunny.data.templates.bunny import BunnyTemplate
 
 

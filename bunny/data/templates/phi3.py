@@ -12,7 +12,7 @@ reproduce or continue those.
 
 from __future__ import annotations
 
-from bunny.data.templates import TEMPLATES, ChatTemplate
+from bunny.data.templates.base import TEMPLATES, ChatTemplate
 
 
 class Phi3Template(ChatTemplate):

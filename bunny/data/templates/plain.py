@@ -8,7 +8,7 @@ image/caption pairs (the original accepts exactly one pair).
 
 from __future__ import annotations
 
-from bunny.data.templates import IMAGE_PLACEHOLDER, TEMPLATES, ChatTemplate
+from bunny.data.templates.base import IMAGE_PLACEHOLDER, TEMPLATES, ChatTemplate
 
 
 class PlainTemplate(ChatTemplate):

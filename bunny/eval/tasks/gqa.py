@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bunny.eval.tasks import IMAGE, SHORT_ANSWER, TASKS, Doc, EvalDataError, Task, pct, read_json_object
+from bunny.eval.tasks.base import IMAGE, SHORT_ANSWER, TASKS, Doc, EvalDataError, Task, pct, read_json_object
 
 
 def read_answer(text: str) -> str:
@@ -32,6 +32,7 @@ def read_answer(text: str) -> str:
 @TASKS.register("gqa")
 class GQA(Task):
     name = "gqa"
+    paper_column = 5
     max_new_tokens = 128
 
     @property

@@ -27,7 +27,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bunny.eval.tasks import IMAGE, MULTIPLE_CHOICE, TASKS, Doc, EvalDataError, Task, is_missing_value, pct
+from bunny.eval.tasks.base import (
+    IMAGE,
+    MULTIPLE_CHOICE,
+    TASKS,
+    Doc,
+    EvalDataError,
+    Task,
+    is_missing_value,
+    pct,
+)
 
 CIRCULAR = 1_000_000
 LETTERS = ["A", "B", "C", "D", "E", "F", "G", "H", "I"]
@@ -81,6 +90,7 @@ def can_infer(answer: str, choices: dict[str, str]) -> str | None:
 @TASKS.register("mmbench")
 class MMBench(Task):
     name = "mmbench"
+    paper_column = 1
     max_new_tokens = 128
     option_names = {
         "lang": "en or cn (default: cn when the file name says CN)",

@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bunny.eval.tasks import IMAGE, SHORT_ANSWER, TASKS, Doc, EvalDataError, Task
+from bunny.eval.tasks.base import IMAGE, SHORT_ANSWER, TASKS, Doc, EvalDataError, Task
 
 PERCEPTION = ["existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR"]
 COGNITION = ["commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"]
@@ -46,6 +46,7 @@ def read_yes_no(text: str) -> str:
 @TASKS.register("mme")
 class MME(Task):
     name = "mme"
+    paper_column = 0
     headline = "perception"
     headline_max = 2000.0
     max_new_tokens = 128

@@ -31,7 +31,7 @@ from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any
 
-from bunny.eval.tasks import IMAGE, MULTIPLE_CHOICE, SHORT_ANSWER, TASKS, Doc, EvalDataError, Task, pct
+from bunny.eval.tasks.base import IMAGE, MULTIPLE_CHOICE, SHORT_ANSWER, TASKS, Doc, EvalDataError, Task, pct
 
 DISCIPLINES = {
     "Art and Design": ["Art", "Art_Theory", "Design", "Music"],
@@ -169,6 +169,7 @@ def eval_multi_choice(gold: str | list[str], pred: str) -> bool:
 @TASKS.register("mmmu")
 class MMMU(Task):
     name = "mmmu"
+    paper_column = 3
     max_new_tokens = 128
     option_names = {"images": "first (default: image_1 before the prompt, the original) or all (every <image k>)"}
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bunny.eval.tasks import IMAGE, SHORT_ANSWER, TASKS, Doc, EvalDataError, Task, pct
+from bunny.eval.tasks.base import IMAGE, SHORT_ANSWER, TASKS, Doc, EvalDataError, Task, pct
 
 SPLITS = ["adversarial", "popular", "random"]
 
@@ -35,6 +35,7 @@ def read_yes_no(text: str) -> str:
 @TASKS.register("pope")
 class POPE(Task):
     name = "pope"
+    paper_column = 7
     headline = "f1"
     max_new_tokens = 128
     option_names = {"splits": "comma-separated subset of adversarial,popular,random (default: all three)"}

@@ -22,7 +22,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bunny.eval.tasks import IMAGE, MULTIPLE_CHOICE, TASKS, Doc, EvalDataError, Task, pct, read_json_object
+from bunny.eval.tasks.base import (
+    IMAGE,
+    MULTIPLE_CHOICE,
+    TASKS,
+    Doc,
+    EvalDataError,
+    Task,
+    pct,
+    read_json_object,
+)
 from bunny.eval.tasks.mmbench import can_infer
 
 LETTERS = ["A", "B", "C", "D"]
@@ -48,6 +57,7 @@ def read_letter(text: str, rule: str = "official", choices: dict[str, str] | Non
 @TASKS.register("seed")
 class SEEDBench(Task):
     name = "seed"
+    paper_column = 2
     max_new_tokens = 128
     option_names = {
         "answer_rule": "official (default: whole output == letter) | lmms-eval | vlmevalkit",

@@ -21,7 +21,16 @@ import re
 from collections import defaultdict
 from typing import Any
 
-from bunny.eval.tasks import IMAGE, MULTIPLE_CHOICE, TASKS, Doc, EvalDataError, Task, pct, read_json_object
+from bunny.eval.tasks.base import (
+    IMAGE,
+    MULTIPLE_CHOICE,
+    TASKS,
+    Doc,
+    EvalDataError,
+    Task,
+    pct,
+    read_json_object,
+)
 
 OPTIONS = ["A", "B", "C", "D", "E"]
 _THE_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
@@ -44,6 +53,7 @@ def read_letter(text: str) -> str | None:
 @TASKS.register("sqa")
 class ScienceQA(Task):
     name = "sqa"
+    paper_column = 6
     headline = "img_accuracy"
     max_new_tokens = 128
     option_names = {"subset": "'all' (default: every question of the split) or 'img' (only those with an image)"}

@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bunny.eval.tasks import IMAGE, SHORT_ANSWER, TASKS, Doc, EvalDataError, Task, pct, read_json_object
+from bunny.eval.tasks.base import IMAGE, SHORT_ANSWER, TASKS, Doc, EvalDataError, Task, pct, read_json_object
 
 # ---- the EvalAI / official VQA answer normalisation ---------------------------------------------
 CONTRACTIONS = {
@@ -127,6 +127,7 @@ def _normalise_prediction(text: str) -> str:
 @TASKS.register("vqav2")
 class VQAv2(Task):
     name = "vqav2"
+    paper_column = 4
     max_new_tokens = 128
 
     def _questions_files(self) -> dict[str, Path]:

@@ -1,220 +1,36 @@
-"""Vision encoders: one small registered file per family, one shared interface.
+"""Vision encoders: one small registered file per family, one shared interface (``base.py``).
 
-Interface every encoder (and ``s2.S2Wrapper``) follows::
-
-    enc = VISION_ENCODERS.get(name)(vision_config, feature_layer=-2, feature_select="patch")
-    enc.hidden_size   # feature channels C
-    enc.image_size    # input side in pixels (S^2: the largest scale)
-    enc.grid          # tokens per side of the patch grid (num_tokens = grid**2 (+ CLS when kept))
-    enc.num_tokens    # N
-    enc(pixel_values[B, 3, H, W]) -> features[B, N, C]
-
-``feature_layer`` counts like transformers' ``hidden_states``: index 0 is the embedding output,
-index i the output of block i, negative indices count from the end (-1 = last block, before any
-post-norm; -2 = second-to-last block). Only the blocks needed are run, the weights of the others are
-kept so checkpoints load strictly and export to transformers' Llava unchanged.
-``feature_select`` is ``"patch"`` (drop the CLS/prefix tokens, if the encoder has any) or ``"full"``
-(keep every token). SigLIP has no CLS, so both give its 729 patch tokens.
-
-Each encoder class also knows how to read its own pretrained folder (``from_pretrained``), its
-transformers config class (``config_class``, used to deserialise ``BunnyConfig.vision_config``) and
-its image processor settings (``image_processor_config``: mean, std, size).
+Every module of this package except ``base`` and ``s2`` is an encoder that registers itself with
+``@VISION_ENCODERS.register("name")`` beside its class and declares the config ``model_type`` values
+it reads (``config_model_types``). Modules are discovered, so adding an encoder is adding its file:
+building, deserialising ``BunnyConfig.vision_config``, detecting a checkpoint folder, the image
+statistics and the tiny test configs all go through the class.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
+import pkgutil
 from pathlib import Path
-from typing import Any
 
-import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from bunny.registry import Registry
+from bunny.model.files import read_json
+from bunny.model.vision.base import (
+    FEATURE_SELECTS,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    VISION_ENCODERS,
+    VisionEncoder,
+    resolve_feature_layer,
+)
+from bunny.model.vision.s2 import S2Wrapper
 
-FEATURE_SELECTS = ("patch", "full")
-
-VISION_ENCODERS: Registry[type[VisionEncoder]] = Registry("vision encoder")
-
-
-class VisionEncoder(nn.Module):
-    """Shared base: feature-layer/CLS handling and folder reading. Subclasses set the class attributes
-    and implement ``build`` (and ``forward`` if ``embed``/``blocks`` do not describe them)."""
-
-    #: the encoder's own transformers config class (SiglipVisionConfig, CLIPVisionConfig, ...)
-    config_class: type[PretrainedConfig]
-    #: number of prefix (CLS) tokens the blocks see before the patch tokens
-    num_prefix_tokens: int = 0
-    #: the selection a fresh model uses when the user does not give one
-    default_feature_select: str = "patch"
-
-    def __init__(self, vision_config: PretrainedConfig, feature_layer: int = -2, feature_select: str = "patch"):
-        super().__init__()
-        if feature_select not in FEATURE_SELECTS:
-            raise ValueError(f"feature_select must be one of {FEATURE_SELECTS}, got {feature_select!r}")
-        self.config = vision_config
-        self.feature_layer = int(feature_layer)
-        self.feature_select = feature_select
-        self.image_size = int(vision_config.image_size)
-        self.patch_size = int(vision_config.patch_size)
-        self.grid = self.image_size // self.patch_size
-        self.hidden_size = int(vision_config.hidden_size)
-        self.num_blocks_run = resolve_feature_layer(self.feature_layer, int(vision_config.num_hidden_layers))
-        self.build(vision_config)
-
-    # -- to implement ---------------------------------------------------------------------------
-    def build(self, vision_config: PretrainedConfig) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        """pixel_values -> the hidden states the first block sees ([B, prefix + grid**2, C])."""
-        raise NotImplementedError
-
-    def blocks(self) -> nn.ModuleList:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    # -- shared ---------------------------------------------------------------------------------
-    @property
-    def num_tokens(self) -> int:
-        return self.count_tokens(self.config, self.feature_select)
-
-    @classmethod
-    def count_tokens(cls, vision_config: PretrainedConfig, feature_select: str) -> int:
-        """Tokens per image for a config, without building the module (BunnyConfig uses it)."""
-        grid = int(vision_config.image_size) // int(vision_config.patch_size)
-        return grid * grid + (cls.num_prefix_tokens if feature_select == "full" else 0)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed(pixel_values.to(self.dtype))
-        for block in self.blocks()[: self.num_blocks_run]:
-            hidden = block(hidden, None)
-        if self.feature_select == "patch" and self.num_prefix_tokens:
-            hidden = hidden[:, self.num_prefix_tokens :]
-        return hidden
-
-    # -- folders --------------------------------------------------------------------------------
-    @classmethod
-    def config_from_pretrained(cls, path: str | Path) -> PretrainedConfig:
-        """The vision config of a local folder: a bare vision-model folder or a full two-tower one."""
-        raw = read_json(Path(path) / "config.json")
-        if "vision_config" in raw:  # SiglipModel / CLIPModel: take the vision half
-            raw = dict(raw["vision_config"])
-        raw.pop("model_type", None)
-        raw.pop("architectures", None)
-        return cls.config_class(**raw)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        feature_layer: int = -2,
-        feature_select: str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> VisionEncoder:
-        """Build the encoder from a local folder and load its weights (vision part only)."""
-        config = cls.config_from_pretrained(path)
-        enc = cls(config, feature_layer=feature_layer, feature_select=feature_select or cls.default_feature_select)
-        state = read_state_dict(path)
-        enc.load_weights(state, source=str(path))
-        if dtype is not None:
-            enc.to(dtype)
-        return enc
-
-    #: prefixes under which a vision tower's keys may appear in a checkpoint (first match wins)
-    checkpoint_prefixes: tuple[str, ...] = ("vision_model.", "")
-    #: prefixes of keys that belong to other towers and are dropped silently
-    foreign_prefixes: tuple[str, ...] = ("text_model.", "logit_scale", "logit_bias", "text_projection", "visual_projection")
-
-    def load_weights(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-        """Load a vision-model state dict (bare keys, or keys under ``vision_model.``) strictly."""
-        own = self.inner_module().state_dict()
-        mapped: dict[str, torch.Tensor] = {}
-        for prefix in self.checkpoint_prefixes:
-            mapped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix) :] in own}
-            if mapped:
-                break
-        leftovers = [
-            k
-            for k in state
-            if not any(k.startswith(p) for p in self.foreign_prefixes)
-            and not any(k.startswith(p) and k[len(p) :] in mapped for p in self.checkpoint_prefixes)
-        ]
-        missing = sorted(set(own) - set(mapped))
-        if missing or leftovers:
-            raise ValueError(
-                f"{source}: vision weights do not match the {type(self).__name__} layout; "
-                f"missing {len(missing)}: {missing[:8]}; unexpected {len(leftovers)}: {sorted(leftovers)[:8]}"
-            )
-        self.inner_module().load_state_dict(mapped, strict=True)
-
-    def inner_module(self) -> nn.Module:
-        """The wrapped transformers module whose state dict is the checkpoint's vision part."""
-        return self.vision_tower
-
-    #: normalisation used when a vision folder has no preprocessor_config.json (fresh/tiny models)
-    default_image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    default_image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
-    @classmethod
-    def image_processor_config(cls, path: str | Path | None, vision_config: PretrainedConfig | None = None) -> dict:
-        """``{"image_mean", "image_std", "size"}`` from the folder's preprocessor_config.json.
-
-        Falls back to the encoder's default statistics for a missing file only when ``vision_config``
-        is given (the size then comes from the config); otherwise a missing file is an error.
-        """
-        file = Path(path) / "preprocessor_config.json" if path is not None else None
-        if file is not None and file.is_file():
-            raw = read_json(file)
-            size = raw.get("crop_size") if raw.get("do_center_crop") else None
-            size = size or raw.get("size")
-            if isinstance(size, dict):
-                size = size.get("height") or size.get("shortest_edge") or size.get("width")
-            return {"image_mean": list(raw["image_mean"]), "image_std": list(raw["image_std"]), "size": int(size)}
-        if vision_config is None:
-            raise FileNotFoundError(f"{file}: no preprocessor_config.json (image mean/std/size) in the vision folder")
-        return {"image_mean": list(cls.default_image_mean), "image_std": list(cls.default_image_std),
-                "size": int(vision_config.image_size)}
-
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def resolve_feature_layer(feature_layer: int, num_layers: int) -> int:
-    """How many blocks to run so the last one's output is ``hidden_states[feature_layer]``."""
-    index = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
-    if not 0 <= index <= num_layers:
-        raise ValueError(f"vision feature_layer {feature_layer} is out of range for {num_layers} layers")
-    return index
-
-
-def read_json(path: str | Path) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a local HF folder (safetensors, sharded or not; else pytorch_model.bin, weights_only)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    state: dict[str, torch.Tensor] = {}
-    if files:
-        for f in files:
-            state.update(load_file(str(f)))
-        return state
-    bins = sorted(path.glob("pytorch_model*.bin"))
-    if not bins:
-        raise FileNotFoundError(f"{path}: no *.safetensors or pytorch_model*.bin weights")
-    for f in bins:
-        state.update(torch.load(f, map_location="cpu", weights_only=True))
-    return state
+_NOT_ENCODERS = {"base", "s2"}
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name not in _NOT_ENCODERS:
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 
 def build_vision_encoder(
@@ -227,28 +43,44 @@ def build_vision_encoder(
     """The registered encoder, wrapped in S^2 when ``s2_scales`` is given."""
     enc = VISION_ENCODERS.get(name)(vision_config, feature_layer=feature_layer, feature_select=feature_select)
     if s2_scales:
-        from bunny.model.vision.s2 import S2Wrapper
-
         enc = S2Wrapper(enc, list(s2_scales))
     return enc
 
 
-def vision_config_class(name: str) -> type[PretrainedConfig]:
-    return VISION_ENCODERS.get(name).config_class
+def model_type_table() -> dict[str, str]:
+    """config ``model_type`` -> encoder name, gathered from the registered classes."""
+    table: dict[str, str] = {}
+    for name in VISION_ENCODERS.names():
+        for model_type in VISION_ENCODERS.get(name).config_model_types:
+            table[model_type] = name
+    return table
 
 
-# Register the encoders (each file registers itself). eva_clip/s2 are optional while being written.
-from bunny.model.vision import clip, siglip  # noqa: E402,F401
+def detect_vision_encoder(path: str | Path) -> str:
+    """The encoder registry name for a vision checkpoint folder (or a bare weights file)."""
+    path = Path(path)
+    bare = [n for n in VISION_ENCODERS.names() if VISION_ENCODERS.get(n).claims_bare_weights]
+    if path.is_file() and bare:
+        return bare[0]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: vision checkpoint not found")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        has_weights = any(path.glob("*.pt")) or any(path.glob("*.safetensors")) or any(path.glob("*.pth"))
+        if has_weights and bare:
+            return bare[0]
+        raise FileNotFoundError(f"{path}: no config.json and no weights file: not a vision checkpoint")
+    model_type = read_json(config_file).get("model_type")
+    table = model_type_table()
+    if model_type not in table:
+        raise ValueError(
+            f"{config_file}: cannot tell the vision encoder from model_type {model_type!r} (known: "
+            f"{', '.join(sorted(table))}); pass vision_encoder= one of {', '.join(VISION_ENCODERS.names())}"
+        )
+    return table[model_type]
 
 
-def _import_optional(module: str) -> None:
-    import importlib
-
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as exc:  # pragma: no cover - only while the file does not exist yet
-        if exc.name != module:
-            raise
-
-
-_import_optional("bunny.model.vision.eva_clip")
+__all__ = [
+    "FEATURE_SELECTS", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "VISION_ENCODERS", "S2Wrapper", "VisionEncoder",
+    "build_vision_encoder", "detect_vision_encoder", "model_type_table", "resolve_feature_layer",
+]

@@ -10,13 +10,14 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from bunny.model.vision import VISION_ENCODERS, VisionEncoder
+from bunny.model.vision.base import VISION_ENCODERS, VisionEncoder
 
 
 @VISION_ENCODERS.register("clip")
 class ClipEncoder(VisionEncoder):
     config_class = CLIPVisionConfig
     num_prefix_tokens = 1
+    config_model_types = ("clip", "clip_vision_model")
     default_feature_select = "patch"
 
     def build(self, vision_config: CLIPVisionConfig) -> None:

@@ -40,13 +40,8 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from bunny.model.vision import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    VISION_ENCODERS,
-    VisionEncoder,
-    read_json,
-)
+from bunny.model.files import read_json, read_tensors
+from bunny.model.vision.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VISION_ENCODERS, VisionEncoder
 
 
 class EvaVisionConfig(PretrainedConfig):
@@ -353,9 +348,15 @@ class EvaClipEncoder(VisionEncoder):
     """
 
     config_class = EvaVisionConfig
+    config_model_types = (EvaVisionConfig.model_type,)
+    claims_bare_weights = True  # the released EVA-CLIP is one .pt file without a config
     num_prefix_tokens = 1
     default_feature_select = "patch"
     checkpoint_prefixes = ("visual.", "")
+
+    @classmethod
+    def tiny_config_extras(cls, values: dict) -> dict:
+        return {"projection_dim": 16, "rope_pt_grid_size": values["image_size"] // values["patch_size"]}
 
     def build(self, vision_config: EvaVisionConfig) -> None:
         self.vision_tower = EvaVisionTransformer(vision_config)
@@ -493,12 +494,7 @@ def read_visual_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd: object = load_file(str(path))
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd: object = read_tensors(path)
     for _ in range(3):  # unwrap {"state_dict": {...}} / {"module": {...}} nesting
         if not isinstance(sd, Mapping) or any(isinstance(v, torch.Tensor) for v in sd.values()):
             break

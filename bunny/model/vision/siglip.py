@@ -12,13 +12,14 @@ import torch
 from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from bunny.model.vision import VISION_ENCODERS, VisionEncoder
+from bunny.model.vision.base import VISION_ENCODERS, VisionEncoder
 
 
 @VISION_ENCODERS.register("siglip")
 class SiglipEncoder(VisionEncoder):
     config_class = SiglipVisionConfig
     num_prefix_tokens = 0
+    config_model_types = ("siglip", "siglip_vision_model")
     default_feature_select = "full"
     default_image_mean = (0.5, 0.5, 0.5)
     default_image_std = (0.5, 0.5, 0.5)

@@ -22,6 +22,10 @@ FAMILIES = {
 PER_IMAGE = 2
 
 
+#: place in ``bench.TASKS`` (the generation order; a new benchmark takes the next number)
+ORDER = 2
+
+
 def write(out: Path, ctx: BenchContext, size: int) -> dict:
     n_img = max(2, size // PER_IMAGE)
     fams = list(FAMILIES)

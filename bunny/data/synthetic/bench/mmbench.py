@@ -31,6 +31,10 @@ CATEGORIES = {
 STRIDE = 1_000_000
 
 
+#: place in ``bench.TASKS`` (the generation order; a new benchmark takes the next number)
+ORDER = 6
+
+
 def write(out: Path, ctx: BenchContext, size: int) -> dict:
     rng = ctx.rng
     cats = list(CATEGORIES)

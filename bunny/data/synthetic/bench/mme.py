@@ -42,6 +42,10 @@ SUBTASKS = {
 FOLDERED = {"posters", "celebrity", "scene", "landmark", "artwork"}
 
 
+#: place in ``bench.TASKS`` (the generation order; a new benchmark takes the next number)
+ORDER = 0
+
+
 def write(out: Path, ctx: BenchContext, size: int) -> dict:
     per = max(2, round(size / (2 * len(SUBTASKS))))
     n_q = 0

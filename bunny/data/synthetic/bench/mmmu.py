@@ -39,6 +39,10 @@ SCHEMA = pa.schema(
 )
 
 
+#: place in ``bench.TASKS`` (the generation order; a new benchmark takes the next number)
+ORDER = 7
+
+
 def write(out: Path, ctx: BenchContext, size: int) -> dict:
     rng = ctx.rng
     per = max(2, size // len(SUBJECTS))

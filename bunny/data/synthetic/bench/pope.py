@@ -22,6 +22,10 @@ SPLITS = ("random", "popular", "adversarial")
 K = 3
 
 
+#: place in ``bench.TASKS`` (the generation order; a new benchmark takes the next number)
+ORDER = 1
+
+
 def write(out: Path, ctx: BenchContext, size: int) -> dict:
     categories = [f"{c} {s}" for c in COLOR_NAMES for s in SHAPES]
     n_img = max(3, size // 5)

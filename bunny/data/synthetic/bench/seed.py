@@ -55,6 +55,10 @@ def _question(scene, rng, qtype: int) -> QA | None:
     return qa
 
 
+#: place in ``bench.TASKS`` (the generation order; a new benchmark takes the next number)
+ORDER = 5
+
+
 def write(out: Path, ctx: BenchContext, size: int) -> dict:
     rng = ctx.rng
     types = list(TYPES)

@@ -31,6 +31,10 @@ def _arith(rng) -> QA:
     return QA(f"What is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]}?", NUMBER_WORDS[a + b], "arith", NUMBER_WORDS)
 
 
+#: place in ``bench.TASKS`` (the generation order; a new benchmark takes the next number)
+ORDER = 4
+
+
 def write(out: Path, ctx: BenchContext, size: int) -> dict:
     rng = ctx.rng
     fams = list(FAMILIES)

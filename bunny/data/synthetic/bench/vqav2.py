@@ -29,6 +29,10 @@ def _types(fam: str, question: str, answer: str) -> tuple[str, str]:
     return " ".join(question.lower().split()[:3]), "other"
 
 
+#: place in ``bench.TASKS`` (the generation order; a new benchmark takes the next number)
+ORDER = 3
+
+
 def write(out: Path, ctx: BenchContext, size: int) -> dict:
     n_img = max(2, size // PER_IMAGE)
     qs, anns, chance = [], [], []

@@ -15,6 +15,9 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from transformers.initialization import no_init_weights
+
+from bunny.model.modeling import BunnyForConditionalGeneration
 
 Renames = Iterable[tuple[str, str]]
 
@@ -41,10 +44,6 @@ def rename_keys(state: Mapping[str, torch.Tensor], renames: Renames) -> tuple[di
 
 def build_without_init(config, **kwargs) -> nn.Module:
     """``BunnyForConditionalGeneration(config)`` with random initialisation skipped (weights follow)."""
-    from transformers.initialization import no_init_weights
-
-    from bunny.model.modeling import BunnyForConditionalGeneration
-
     with no_init_weights():
         return BunnyForConditionalGeneration(config, **kwargs)
 

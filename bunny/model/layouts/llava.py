@@ -26,11 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers.initialization import no_init_weights
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
+from bunny.model.files import atomic_folder, read_json, read_state_dict
+from bunny.model.finish import finish_model
 from bunny.model.language import LLM_FAMILIES, family_for_config
+from bunny.model.layouts.base import LAYOUTS, Layout
+from bunny.model.layouts.weights import assign_state_dict, build_without_init, rename_keys
+from bunny.model.modeling import BunnyConfig
 from bunny.model.processing import BunnyImageProcessor, BunnyProcessor
-from bunny.model.vision import read_json, read_state_dict
-from bunny.model.weights import assign_state_dict, build_without_init, rename_keys
 
 #: Llava vision config model_type -> our encoder name
 LLAVA_VISION = {"siglip_vision_model": "siglip", "clip_vision_model": "clip"}
@@ -108,8 +114,6 @@ def to_llava_state_dict(model: Any) -> dict[str, torch.Tensor]:
 
 def llava_config(config: Any, vocab_size: int | None = None):
     """The ``LlavaConfig`` equivalent of a ``BunnyConfig`` (after ``export_check``)."""
-    from transformers import LlavaConfig
-
     text = config.text_config.to_dict()
     if vocab_size is not None:
         text["vocab_size"] = vocab_size
@@ -131,9 +135,6 @@ def llava_config(config: Any, vocab_size: int | None = None):
 
 def llava_processor(processor: BunnyProcessor, config: Any):
     """A transformers ``LlavaProcessor`` that prepares the same inputs as ``processor``."""
-    from transformers import LlavaProcessor
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
     ip = processor.image_processor
     image_processor = LlavaImageProcessorPil(
         do_pad=ip.image_aspect_ratio == "pad",
@@ -162,11 +163,6 @@ def export_llava(model: Any, processor: BunnyProcessor, out_dir: str | Path) -> 
     If the image token id lies beyond the LLM's vocabulary (a tokenizer with no free slot), the
     embedding and ``lm_head`` get zero rows up to it: Llava looks image ids up before replacing them.
     """
-    from transformers import LlavaForConditionalGeneration
-    from transformers.initialization import no_init_weights
-
-    from bunny.model.checkpoints import atomic_folder
-
     config = model.config
     export_check(config)
     tok = processor.tokenizer
@@ -213,13 +209,23 @@ LLAVA_TO_OURS_EXPORT = [
 ]
 
 
+@LAYOUTS.register("llava")
+class LlavaLayout(Layout):
+    name = "llava"
+    described = "'llava' (transformers LlavaForConditionalGeneration)"
+    order = 40
+
+    @classmethod
+    def detect(cls, folder: Path, config: dict | None) -> bool:
+        return (config or {}).get("model_type") == "llava"
+
+    @classmethod
+    def load(cls, folder: Path, dtype: torch.dtype | None, trust_remote_code: bool) -> tuple[Any, BunnyProcessor]:
+        return load_llava_folder(folder, dtype=dtype)
+
+
 def load_llava_folder(path: Path, dtype: torch.dtype | None = None) -> tuple[Any, BunnyProcessor]:
     """A ``LlavaForConditionalGeneration`` folder as ``(BunnyForConditionalGeneration, BunnyProcessor)``."""
-    from transformers import AutoTokenizer, LlavaConfig
-
-    from bunny.model.checkpoints import configure_generation
-    from bunny.model.modeling import BunnyConfig
-
     lconfig = LlavaConfig.from_pretrained(str(path))
     source = str(path / "config.json")
     vision_type = lconfig.vision_config.model_type
@@ -268,9 +274,7 @@ def load_llava_folder(path: Path, dtype: torch.dtype | None = None) -> tuple[Any
         processor_raw, source=str(path / "preprocessor_config.json"),
         size=int(size.get("height") or size.get("shortest_edge") or config.image_size),
         image_aspect_ratio=config.image_aspect_ratio)
-    processor = BunnyProcessor.for_config(tokenizer, image_processor, config)
-    configure_generation(model, processor)
-    return model, processor
+    return finish_model(model, tokenizer, image_processor)
 
 
 def _read_llava_image_processor(path: Path) -> dict:
