@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bunny.data.images import ImageError, load_image
 from bunny.infer.generate import IMAGE_PLACEHOLDER, GenerationRequest, Generator, SamplingParams
 from bunny.serve.batcher import DynamicBatcher, QueueFullError
+from bunny.serve.budget import check_prompt_chars, prompt_char_limit
 
 logger = logging.getLogger("bunny.serve")
 
@@ -58,6 +59,9 @@ class ServerLimits:
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     max_images: int = 8
+    max_messages: int = 256
+    max_parts: int = 1024
+    max_stop_chars: int = 256
     max_new_tokens: int = 1024
     default_max_tokens: int = 256
     allow_remote_images: bool = False
@@ -154,6 +158,9 @@ def decode_image(url: str, where: str, limits: ServerLimits) -> Image.Image:
     try:
         with Image.open(io.BytesIO(raw), formats=sorted(set(IMAGE_TYPES.values()))) as probe:
             fmt, (w, h) = probe.format, probe.size
+    except Image.DecompressionBombError as exc:  # PIL refuses huge headers itself: still "too large"
+        raise APIError(413, f"{where}: image is over the limit of {limits.max_image_pixels} pixels ({exc})",
+                       param=where, code="image_too_large") from exc
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad headers
         raise APIError(400, f"{where}: not a decodable {mime} image", param=where, code="invalid_image") from exc
     if fmt != IMAGE_TYPES[mime]:
@@ -171,6 +178,13 @@ def parse_messages(raw: Any, limits: ServerLimits) -> tuple[list[dict[str, str]]
     """OpenAI ``messages`` -> template messages with ``<image>`` placeholders, and the images."""
     if not isinstance(raw, list) or not raw:
         raise APIError(400, "messages must be a non-empty list", param="messages")
+    if len(raw) > limits.max_messages:
+        raise APIError(400, f"messages has {len(raw)} entries, over this server's limit of {limits.max_messages}",
+                       param="messages", code="too_many_messages")
+    n_parts = sum(len(m["content"]) for m in raw if isinstance(m, dict) and isinstance(m.get("content"), list))
+    if n_parts > limits.max_parts:
+        raise APIError(400, f"messages have {n_parts} content parts, over this server's limit of {limits.max_parts}",
+                       param="messages", code="too_many_messages")
     messages: list[dict[str, str]] = []
     images: list[Image.Image] = []
     for i, msg in enumerate(raw):
@@ -261,6 +275,8 @@ def parse_params(body: dict[str, Any], limits: ServerLimits) -> SamplingParams:
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, "stop must be a non-empty string or a list of at most 4 of them", param="stop")
+    if any(len(s) > limits.max_stop_chars for s in stop):
+        raise APIError(400, f"each stop string must be at most {limits.max_stop_chars} characters", param="stop")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise APIError(400, f"seed must be an integer, got {seed!r}", param="seed")
@@ -288,6 +304,7 @@ def create_app(batcher: DynamicBatcher, model_id: str, api_key: str | None = Non
     # few threads of its own: more would not parse faster on a small CPU, and every extra thread
     # grows the process's memory by a malloc arena.
     parsers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bunny-parse")
+    char_limit = prompt_char_limit(generator.max_positions, generator.tokenizer)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -345,6 +362,7 @@ def create_app(batcher: DynamicBatcher, model_id: str, api_key: str | None = Non
         messages, images = parse_messages(body.get("messages"), limits)
         request = GenerationRequest(messages, images, params)
         try:
+            check_prompt_chars(messages, char_limit, generator.max_positions)
             generator.validate(request)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages", code="invalid_prompt") from exc
