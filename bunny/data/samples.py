@@ -86,17 +86,24 @@ class SampleIssue:
 class DataValidationError(ValueError):
     """Training data failed validation; ``issues`` holds every problem found."""
 
-    def __init__(self, issues: Sequence[SampleIssue], n_samples: int, max_listed: int = 50):
+    def __init__(self, issues: Sequence[SampleIssue], n_samples: int, max_listed: int = 50,
+                 whole_file: bool = False):
         self.issues = list(issues)
         bad = len({i.key for i in self.issues})
-        lines = [str(i) for i in self.issues[:max_listed]]
+        lines = [f"{i.source}: {i.message}" if whole_file else str(i) for i in self.issues[:max_listed]]
         more = len(self.issues) - len(lines)
         if more > 0:
             lines.append(f"... and {more} more")
-        super().__init__(
-            f"{len(self.issues)} problem(s) in {bad} of {n_samples} sample(s) "
-            f"(set on_bad_sample: skip to train without them):\n  " + "\n  ".join(lines)
-        )
+        head = (f"{len(self.issues)} problem(s) reading the data (a file that cannot be read as a whole cannot "
+                "be skipped sample by sample; fix it)" if whole_file else
+                f"{len(self.issues)} problem(s) in {bad} of {n_samples} sample(s) "
+                "(set on_bad_sample: skip to train without them)")
+        super().__init__(head + ":\n  " + "\n  ".join(lines))
+
+
+def _file_error(path: Path, line: int, fld: str, msg: str) -> DataValidationError:
+    """A problem with a whole data file, as the same named report (exit 2) as a sample's."""
+    return DataValidationError([_issue(str(path), line, fld, msg, jsonl=True)], 0, whole_file=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +143,12 @@ def _to_sample(obj: Any, source: str, index: int, jsonl: bool, issues: list[Samp
     return Sample(id=str(sid), conversations=convs, images=images, source=str(source), index=index, jsonl=jsonl)
 
 
+def text_line(path: Path, byte: int) -> int:
+    """The 1-based line of byte offset ``byte`` in ``path``."""
+    with open(path, "rb") as f:
+        return f.read(byte).count(b"\n") + 1
+
+
 def read_samples(paths: str | Path | Iterable[str | Path]) -> tuple[list[Sample], list[SampleIssue]]:
     """Read LLaVA JSON lists or JSONL files. Returns the parsed samples and the structural issues
     (records that are not samples at all), so a caller can report them with the other checks."""
@@ -150,7 +163,9 @@ def read_samples(paths: str | Path | Iterable[str | Path]) -> tuple[list[Sample]
         except FileNotFoundError:
             raise FileNotFoundError(f"data file not found: {path}") from None
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}: not UTF-8 text ({exc})") from exc
+            line = text_line(path, exc.start)
+            raise _file_error(path, line, "encoding",
+                              f"not UTF-8 text ({exc.reason} at byte {exc.start}, line {line})") from None
         stripped = text.lstrip()
         if path.suffix == ".jsonl" or (stripped and not stripped.startswith("[")):
             for lineno, line in enumerate(text.splitlines(), start=1):
@@ -169,9 +184,10 @@ def read_samples(paths: str | Path | Iterable[str | Path]) -> tuple[list[Sample]
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+                raise _file_error(path, exc.lineno, "json",
+                                  f"not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
             if not isinstance(data, list):
-                raise ValueError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")
+                raise _file_error(path, 1, "json", f"expected a JSON list of samples, got {type(data).__name__}")
             for i, obj in enumerate(data):
                 s = _to_sample(obj, str(path), i, False, issues)
                 if s is not None:

@@ -25,6 +25,7 @@ import torch
 
 from bunny.config import to_dict
 from bunny.data.dataset import BatchPlan, Collator
+from bunny.data.samples import DataValidationError, SampleIssue
 from bunny.data.templates import get_template
 from bunny.train import checkpointing as ckpt_io
 from bunny.train.builder import PROJECTOR_FILE, build_start_model
@@ -122,6 +123,28 @@ def _progress(cfg: TrainConfig, main: bool, total: int, initial: int):
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=0.5,
                 file=sys.stderr)
+
+
+def _handle_bad_images(micro: list[dict[str, Any]], step: int, cfg: TrainConfig, dist: DistInfo,
+                       save: Any, n_samples: int) -> None:
+    """Samples whose image failed to load in this step (see ``SupervisedDataset._stand_in``).
+
+    ``skip``: log each (file, sample id, step); they train as stand-ins with no targets.
+    ``error``: save a checkpoint of the state before this step (nothing is lost, and ``--resume``
+    after fixing the data continues exactly), then stop with the same problem report as validation.
+    """
+    bad = [issue for batch in micro for issue in batch.get("bad", ())]
+    if cfg.on_bad_sample == "skip":
+        for issue in bad:
+            log.warning("step %d: %s; trained as a blank image without targets (on_bad_sample: skip)", step + 1, issue)
+        return
+    n_bad = int(dist.all_reduce_sum(len(bad))) if dist.world_size > 1 else len(bad)
+    if n_bad == 0:
+        return
+    save(step)
+    if not bad:  # another process found it and reports it
+        bad = [SampleIssue("(another process)", step + 1, "image", "a sample of this step failed to load")]
+    raise DataValidationError(bad, n_samples)
 
 
 def run(cfg: TrainConfig) -> Path | None:
@@ -274,8 +297,9 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
             if step >= total_steps:
                 break
             denom = denominators[s]
-            for a in range(accum):
-                batch = next(it)
+            micro = [next(it) for _ in range(accum)]  # read the whole step first: a bad image stops it before it runs
+            _handle_bad_images(micro, step, cfg, dist, save, len(dataset))
+            for a, batch in enumerate(micro):
                 inputs = _to_device(batch, device)
                 with engine.accumulating(last=a == accum - 1):
                     loss = engine.forward(num_items=denom, **inputs)

@@ -1,0 +1,106 @@
+"""Faults that used to cost a training run (issue 12): a bad image met mid-run, a damaged checkpoint,
+changed data on resume, malformed JSON data, image paths outside the image folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from _train_helpers import TINY_TEXT, TINY_VISION, max_diff, one_thread, tiny_cfg, trainable_tensors, world
+
+from bunny.cli import main as cli_main
+from bunny.train import checkpointing as ckpt_io
+from bunny.train import run
+from bunny.train.metrics import read_metrics
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    yield from one_thread()
+
+
+def _small_world(tmp: Path, n: int = 16) -> tuple[Path, Path, list[dict]]:
+    """``n`` stage-1 samples (two global batches of 8) and a private copy of their images."""
+    w = world()
+    data = json.loads((w / "pool.json").read_text())[:n]
+    images = tmp / "images"
+    for s in data:
+        (images / s["image"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(w / "images" / s["image"], images / s["image"])
+    path = tmp / "data.json"
+    path.write_text(json.dumps(data))
+    return path, images, data
+
+
+def _truncate(path: Path) -> None:
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) * 9 // 10])  # the header survives (image_check: open passes), the pixels do not
+
+
+def test_bad_image_mid_run_is_skipped_deterministically(tmp_path, caplog):
+    data, images, samples = _small_world(tmp_path)
+    _truncate(images / samples[3]["image"])
+    (images / samples[9]["image"]).unlink()
+    common = dict(data_path=data, image_folder=images, image_check="none", on_bad_sample="skip", max_steps=6,
+                  save_steps=2)
+    with caplog.at_level(logging.WARNING, logger="bunny.train"):
+        run(tiny_cfg(tmp_path / "ref", **common))
+    warned = [r.getMessage() for r in caplog.records if "without targets" in r.getMessage()]
+    assert any(samples[3]["image"] in m and "step " in m for m in warned), warned
+    assert any(samples[9]["image"] in m and "not found" in m.lower() or "no such file" in m.lower()
+               for m in warned), warned
+    out = tmp_path / "cut"
+    assert run(tiny_cfg(out, stop_after_steps=3, **common)) is None
+    run(tiny_cfg(out, resume=True, **common))
+    assert max_diff(trainable_tensors(tmp_path / "ref"), trainable_tensors(out)) == 0.0
+    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(tmp_path / "ref")]
+
+
+def _yaml(tmp: Path, **cfg) -> Path:
+    base = {"stage": "pretrain", "tiny": {"vision": TINY_VISION, "text": TINY_TEXT, "vocab_size": 400},
+            "model_max_length": 1024, "per_device_train_batch_size": 4, "global_batch_size": 8, "max_steps": 4,
+            "learning_rate": 1e-3, "logging_steps": 1, "progress_bar": False, "cpu_threads": 1,
+            "report_to": ["jsonl"]}
+    base.update({k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()})
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def test_bad_image_mid_run_under_error_saves_then_exits_2(tmp_path, capsys):
+    data, images, samples = _small_world(tmp_path)
+    _truncate(images / samples[12]["image"])
+    out = tmp_path / "run"
+    config = _yaml(tmp_path, data_path=data, image_folder=images, image_check="open", on_bad_sample="error",
+                   output_dir=out)
+    assert cli_main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert samples[12]["image"] in err and f"{data}[12]" in err and "failed to load during training" in err
+    assert "Traceback" not in err
+    ckpt = ckpt_io.latest_checkpoint(out)  # the state before the failing step, saved: nothing is lost
+    assert ckpt is not None
+    step = ckpt_io.read_state(ckpt)["step"]
+    assert step in (0, 1) and [r["step"] for r in read_metrics(out)] == list(range(1, step + 1))
+    shutil.copy(world() / "images" / samples[12]["image"], images / samples[12]["image"])  # the user fixes it
+    assert cli_main(["train", str(config), "--resume"]) == 0
+    assert (out / "final").is_dir()
+    ref = tmp_path / "ref"
+    assert cli_main(["train", str(config), f"output_dir={ref}"]) == 0
+    assert max_diff(trainable_tensors(ref), trainable_tensors(out)) == 0.0
+
+
+def test_malformed_json_data_is_an_exit_2_report(tmp_path, capsys):
+    data, images, samples = _small_world(tmp_path, n=8)
+    text = json.dumps(samples, indent=1)
+    cut = text[: text.rindex("}") + 1]
+    data.write_text(cut + ",\n]")  # a trailing comma after the last sample: the "]" line is the error
+    config = _yaml(tmp_path, data_path=data, image_folder=images, output_dir=tmp_path / "run")
+    assert cli_main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    line = cut.count("\n") + 2
+    assert f"{data}: not valid JSON at line {line}" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
