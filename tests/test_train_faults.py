@@ -104,3 +104,54 @@ def test_malformed_json_data_is_an_exit_2_report(tmp_path, capsys):
     line = cut.count("\n") + 2
     assert f"{data}: not valid JSON at line {line}" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_damaged_newest_checkpoint_falls_back_to_an_intact_one(tmp_path, caplog):
+    data, images, _ = _small_world(tmp_path)
+    common = dict(data_path=data, image_folder=images, max_steps=6, save_steps=2, save_total_limit=3)
+    run(tiny_cfg(tmp_path / "ref", **common))
+    out = tmp_path / "cut"
+    assert run(tiny_cfg(out, stop_after_steps=5, **common)) is None
+    newest = ckpt_io.latest_checkpoint(out)
+    assert newest.name == "step-00000004" and (newest / "manifest.json").is_file()
+    assert ckpt_io.verify_checkpoint(newest) is None
+    weights = newest / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    assert "trainable.safetensors" in ckpt_io.verify_checkpoint(newest)
+    with pytest.raises(ckpt_io.CheckpointError, match=r"step-00000004/trainable.safetensors: 100 bytes"):
+        run(tiny_cfg(out, resume=str(newest), **common))  # named explicitly: refused, naming the file
+    with caplog.at_level(logging.WARNING, logger="bunny.train"):
+        run(tiny_cfg(out, resume=True, **common))
+    assert any("step-00000004" in r.getMessage() and "trainable.safetensors" in r.getMessage()
+               for r in caplog.records)
+    assert max_diff(trainable_tensors(tmp_path / "ref"), trainable_tensors(out)) == 0.0  # resumed from step 2
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+    # a flipped byte (same size) is found by the hash
+    ckpt = ckpt_io.latest_checkpoint(out)
+    opt = ckpt / "optimizer.pt"
+    raw = bytearray(opt.read_bytes())
+    raw[-10] ^= 0xFF
+    opt.write_bytes(bytes(raw))
+    assert "optimizer.pt" in ckpt_io.verify_checkpoint(ckpt) and "SHA-256" in ckpt_io.verify_checkpoint(ckpt)
+
+
+def test_resume_refuses_changed_data_and_allows_extending(tmp_path):
+    data, images, samples = _small_world(tmp_path)
+    common = dict(data_path=data, image_folder=images, save_steps=2)
+    out = tmp_path / "run"
+    assert run(tiny_cfg(out, max_steps=4, stop_after_steps=2, **common)) is None
+    data.write_text(json.dumps(samples[:-1]))  # one sample removed
+    with pytest.raises(ValueError, match=r"training data changed.*data.json: \d+ -> \d+ bytes.*samples read: 16 -> 15"):
+        run(tiny_cfg(out, max_steps=4, resume=True, **common))
+    data.write_text(json.dumps(samples))
+    # extended: 4 -> 8 steps; equals a run planned for 8 steps from the start up to the checkpoint, then
+    # follows the 8-step schedule
+    run(tiny_cfg(out, max_steps=8, resume=True, **common))
+    ref = tmp_path / "ref8"
+    run(tiny_cfg(ref, max_steps=8, **common))
+    got, want = read_metrics(out), read_metrics(ref)
+    assert [r["step"] for r in got] == list(range(1, 9))
+    assert [r["lr"] for r in got[2:]] == [r["lr"] for r in want[2:]]  # the schedule of the new total, at once
+    assert got[1]["lr"] != want[1]["lr"]  # before the checkpoint: the 4-step schedule it was planned with
+    with pytest.raises(ValueError, match="planned for 2 steps, fewer than the 6"):
+        run(tiny_cfg(out, max_steps=2, resume=True, **common))

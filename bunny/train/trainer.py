@@ -30,11 +30,11 @@ from bunny.data.templates import get_template
 from bunny.train import checkpointing as ckpt_io
 from bunny.train.builder import PROJECTOR_FILE, build_start_model
 from bunny.train.config import ConfigError, TrainConfig
-from bunny.train.data import build_dataset, read_raw, texts_of
+from bunny.train.data import build_dataset, data_fingerprint, fingerprint_changes, read_raw, texts_of
 from bunny.train.distributed import DistInfo, setup, teardown
 from bunny.train.engine import LossModule, build_engine
 from bunny.train.metrics import MetricsWriter, plot_loss
-from bunny.train.schedule import warmup_steps_for
+from bunny.train.schedule import resync_lr, warmup_steps_for
 from bunny.train.stages import check_qlora_available, configure_trainable, trainable_summary
 
 log = logging.getLogger("bunny.train")
@@ -45,6 +45,11 @@ RUNTIME_KEYS = {
     "stop_after_steps", "dataloader_num_workers", "device", "save_merged", "image_check", "feature_cache",
     "cpu_threads",
 }
+
+
+#: config keys that may change on resume to extend (or shorten) a run; the lr schedule is then the
+#: one planned for the new total (docs/training.md, "Extending a run")
+EXTENDABLE_KEYS = {"max_steps", "num_train_epochs"}
 
 
 def _seed_all(seed: int) -> None:
@@ -176,7 +181,8 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
     resume_from = ckpt_io.resolve_resume(out, cfg.resume)
     resume_state = ckpt_io.read_state(resume_from) if resume_from is not None else None
     if resume_state is not None:
-        diff = sorted(k for k, v in _recipe_digest(cfg).items() if resume_state.get("recipe", {}).get(k) != v)
+        diff = sorted(k for k, v in _recipe_digest(cfg).items()
+                      if k not in EXTENDABLE_KEYS and resume_state.get("recipe", {}).get(k) != v)
         if diff:
             raise ConfigError(f"resume from {resume_from}: the config differs from the run's in {diff}; "
                               "resume with the same recipe (only runtime keys such as save_steps may change)")
@@ -186,6 +192,12 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
     model, processor, base_folder = build_start_model(cfg, lambda: texts_of(samples), dist.is_main, dist.barrier)
     template = get_template(cfg.template or model.config.chat_template)
     dataset = build_dataset(cfg, samples, read_issues, processor=processor, template=template, dist=dist)
+    data_fp = data_fingerprint(cfg, samples, read_issues, len(dataset))
+    if resume_state is not None and "data" in resume_state:
+        changes = fingerprint_changes(resume_state["data"], data_fp)
+        if changes:
+            raise ConfigError(f"resume from {resume_from}: the training data changed since the checkpoint "
+                              f"({'; '.join(changes)}); resume on the same data, or start a new run")
     if dist.is_main:
         n_img = int(dataset.has_image.sum())
         log.info("data: %d samples (%d with images), template %s", len(dataset), n_img, template.name)
@@ -265,6 +277,13 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
         if not ckpt_io.load_rng(resume_from, dist.rank):
             log.warning("resume: no RNG state for rank %d in %s (world size changed?)", dist.rank, resume_from)
         start_step = int(resume_state["step"])
+        if start_step > total_steps:
+            raise ConfigError(f"resume from {resume_from}: the run is planned for {total_steps} steps, fewer than the "
+                              f"{start_step} already taken; raise max_steps / num_train_epochs")
+        if resume_state.get("total_steps", total_steps) != total_steps and dist.is_main:
+            log.info("resume: total steps %s -> %d; the lr schedule is now the one planned for %d steps",
+                     resume_state.get("total_steps"), total_steps, total_steps)
+        resync_lr(engine.scheduler)
         if dist.is_main:
             log.info("resumed from %s at step %d", resume_from, start_step)
 
@@ -277,7 +296,7 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
 
     def save(step: int) -> None:
         state = {"step": step, "epoch": step / spe, "world_size": dist.world_size, "total_steps": total_steps,
-                 "global_batch_size": plan.global_batch_size, "recipe": _recipe_digest(cfg), "engine": engine.kind}
+                 "global_batch_size": plan.global_batch_size, "recipe": _recipe_digest(cfg), "engine": engine.kind, "data": data_fp}
         ckpt_io.save_checkpoint(out, step, rank=dist.rank, keep=cfg.save_total_limit, state=state,
                                 write_main=lambda tmp: None, write_all=lambda tmp: engine.save(tmp, dist.rank),
                                 barrier=dist.barrier)
