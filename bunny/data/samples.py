@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -265,6 +266,25 @@ def resolve_image(image_folder: str | Path | None, rel: str) -> Path:
     return Path(image_folder) / rel if image_folder is not None else Path(rel)
 
 
+def check_image_paths(samples: Sequence[Sample], image_folder: str | Path | None) -> list[SampleIssue]:
+    """Image paths must stay inside ``image_folder``: an absolute path or a ``..`` that climbs out of
+    it reads files the data set does not own (a typo, or data from an untrusted source). Symbolic
+    links inside the folder are followed as the user set them up (the path text is checked, not
+    where its links point). No folder set: paths are the user's own, relative to the working folder."""
+    if image_folder is None:
+        return []
+    root = os.path.normpath(os.path.abspath(image_folder))
+    out = []
+    for s in samples:
+        for k, rel in enumerate(s.images):
+            full = os.path.normpath(os.path.join(root, rel))
+            if os.path.isabs(rel) or os.path.commonpath([root, full]) != root:
+                fld = "image" if len(s.images) == 1 else f"image[{k}]"
+                out.append(_issue(s.source, s.index, fld, f"{rel!r} resolves outside image_folder {image_folder} "
+                                  "(set allow_images_outside_folder: true if that is intended)", s.id, s.jsonl))
+    return out
+
+
 def _check_one_image(path: Path, how: ImageCheck) -> str | None:
     from bunny.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 
@@ -333,6 +353,7 @@ def validate(
     max_length: int | None = None,
     read_issues: Sequence[SampleIssue] = (),
     workers: int = 8,
+    allow_outside_folder: bool = False,
 ) -> ValidationReport:
     """Run every check on every sample; return the samples without issues, and all the issues.
 
@@ -342,7 +363,13 @@ def validate(
     issues = list(read_issues)
     for s in samples:
         issues.extend(check_conversation(s))
-    issues.extend(check_images(samples, image_folder, image_check, workers))
+    to_open = samples
+    if not allow_outside_folder:
+        outside = check_image_paths(samples, image_folder)
+        issues.extend(outside)
+        out_keys = {i.key for i in outside}  # their files are never opened
+        to_open = [s for s in samples if (s.source, s.index) not in out_keys]
+    issues.extend(check_images(to_open, image_folder, image_check, workers))
     bad = {i.key for i in issues}
     lengths: list[int] | None = [] if length_fn is not None else None
     kept: list[Sample] = []
@@ -389,12 +416,13 @@ def load_and_validate(
     length_fn: Callable[[Sample], int] | None = None,
     max_length: int | None = None,
     max_samples: int | None = None,
+    allow_outside_folder: bool = False,
 ) -> ValidationReport:
     """Read, validate and apply the policy: the samples to train on (``report.samples``)."""
     samples, read_issues = read_samples(paths)
     if max_samples is not None:
         samples = samples[:max_samples]
     report = validate(samples, image_folder=image_folder, image_check=image_check, length_fn=length_fn,
-                      max_length=max_length, read_issues=read_issues)
+                      max_length=max_length, read_issues=read_issues, allow_outside_folder=allow_outside_folder)
     report.samples = apply_policy(report, on_bad_sample)
     return report

@@ -79,7 +79,8 @@ def build_dataset(
             return len(ids)
 
         report = validate(samples, image_folder=cfg.image_folder, image_check=cfg.image_check, length_fn=length_fn,
-                          max_length=cfg.model_max_length, read_issues=read_issues)
+                          max_length=cfg.model_max_length, read_issues=read_issues,
+                          allow_outside_folder=cfg.allow_images_outside_folder)
         try:
             kept = apply_policy(report, cfg.on_bad_sample)
             position = {(s.source, s.index): k for k, s in enumerate(samples)}

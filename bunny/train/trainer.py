@@ -43,7 +43,7 @@ log = logging.getLogger("bunny.train")
 RUNTIME_KEYS = {
     "output_dir", "resume", "logging_steps", "save_steps", "save_total_limit", "report_to", "progress_bar",
     "stop_after_steps", "dataloader_num_workers", "device", "save_merged", "image_check", "feature_cache",
-    "cpu_threads",
+    "cpu_threads", "allow_images_outside_folder",
 }
 
 
