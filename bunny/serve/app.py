@@ -23,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -295,24 +295,105 @@ def _usage(result: Any) -> dict[str, int]:
             "total_tokens": result.prompt_tokens + result.completion_tokens}
 
 
-def create_app(batcher: DynamicBatcher, model_id: str, api_key: str | None = None,
-               limits: ServerLimits | None = None) -> FastAPI:
-    """The FastAPI application; ``batcher`` owns the model."""
-    limits = limits or ServerLimits()
-    generator: Generator = batcher.generator
-    # Parsing (JSON, base64, image decoding, tokenizing) is CPU work done off the event loop, in a
-    # few threads of its own: more would not parse faster on a small CPU, and every extra thread
-    # grows the process's memory by a malloc arena.
-    parsers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bunny-parse")
-    char_limit = prompt_char_limit(generator.max_positions, generator.tokenizer)
+class RequestPreparer:
+    """Raw body -> (body, GenerationRequest), every check applied, cheapest first (runs in a worker
+    thread: JSON and image decoding are CPU work). The prompt's length in characters is checked
+    before its tokens are counted (see :mod:`bunny.serve.budget`)."""
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        parsers.shutdown(wait=False, cancel_futures=True)
+    def __init__(self, generator: Generator, model_id: str, limits: ServerLimits) -> None:
+        self.generator, self.model_id, self.limits = generator, model_id, limits
+        self.char_limit = prompt_char_limit(generator.max_positions, generator.tokenizer)
 
-    app = FastAPI(title="bunny", version="1", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    created = int(time.time())
+    def __call__(self, raw: bytes) -> tuple[dict[str, Any], GenerationRequest]:
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"request body is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object")
+        if body.get("model") not in (None, self.model_id):
+            raise APIError(404, f"model {body.get('model')!r} is not served here; this server serves "
+                           f"{self.model_id!r}", param="model", code="model_not_found")
+        if not isinstance(body.get("stream", False), bool):
+            raise APIError(400, "stream must be true or false", param="stream")
+        params = parse_params(body, self.limits)
+        messages, images = parse_messages(body.get("messages"), self.limits)
+        request = GenerationRequest(messages, images, params)
+        try:
+            check_prompt_chars(messages, self.char_limit, self.generator.max_positions)
+            self.generator.validate(request)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages", code="invalid_prompt") from exc
+        return body, request
+
+
+@dataclass
+class _Reply:
+    """The fields every response body and stream chunk of one completion shares."""
+
+    model_id: str
+    rid: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def completion(self, result: Any) -> dict[str, Any]:
+        return {
+            "id": self.rid, "object": "chat.completion", "created": self.created, "model": self.model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                         "finish_reason": result.finish_reason, "logprobs": None}],
+            "usage": _usage(result),
+        }
+
+    def chunk(self, delta: dict[str, Any] | None, finish: str | None = None,
+              usage: dict[str, int] | None = None) -> str:
+        obj: dict[str, Any] = {"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
+                               "model": self.model_id, "choices": [] if delta is None else
+                               [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        if usage is not None:
+            obj["usage"] = usage
+        return f"data: {json.dumps(obj)}\n\n"
+
+
+async def _complete(job: Any, reply: _Reply) -> dict[str, Any]:
+    """Wait for the whole answer (a client that goes away cancels its generation)."""
+    try:
+        kind, value = await job.events.get()
+        while kind == "text":
+            kind, value = await job.events.get()
+    except asyncio.CancelledError:
+        job.cancel()
+        raise
+    if kind == "error":
+        raise APIError(500, f"generation failed: {value}")
+    return reply.completion(value)
+
+
+async def _stream(job: Any, reply: _Reply, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: a role chunk, text deltas, the finish chunk (and usage), ``[DONE]``."""
+    finished = False
+    try:
+        yield reply.chunk({"role": "assistant", "content": ""})
+        while True:
+            kind, value = await job.events.get()
+            if kind == "text":
+                yield reply.chunk({"content": value})
+            elif kind == "error":
+                err = APIError(500, f"generation failed: {value}").body()
+                yield f"data: {json.dumps(err)}\n\n"
+                break
+            else:
+                yield reply.chunk({}, value.finish_reason)
+                if include_usage:
+                    yield reply.chunk(None, usage=_usage(value))
+                break
+        finished = True
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:  # the client went away: stop generating for it
+            job.cancel()
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error, ours or the framework's, answered as OpenAI's ``{"error": {...}}`` body."""
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -327,6 +408,10 @@ def create_app(batcher: DynamicBatcher, model_id: str, api_key: str | None = Non
         logger.error("internal error", exc_info=exc)
         return APIError(500, f"internal error ({type(exc).__name__}); see the server log").response()
 
+
+def _install_auth(app: FastAPI, api_key: str | None) -> None:
+    """``Authorization: Bearer KEY`` on ``/v1/*`` when a key is set (compared in constant time)."""
+
     @app.middleware("http")
     async def _auth(request: Request, call_next):  # noqa: ANN001, ANN202
         if api_key and request.url.path.startswith("/v1/"):
@@ -335,6 +420,27 @@ def create_app(batcher: DynamicBatcher, model_id: str, api_key: str | None = Non
                 return APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
                                 code="invalid_api_key").response()
         return await call_next(request)
+
+
+def create_app(batcher: DynamicBatcher, model_id: str, api_key: str | None = None,
+               limits: ServerLimits | None = None) -> FastAPI:
+    """The FastAPI application; ``batcher`` owns the model."""
+    limits = limits or ServerLimits()
+    prepare = RequestPreparer(batcher.generator, model_id, limits)
+    # Parsing (JSON, base64, image decoding, tokenizing) is CPU work done off the event loop, in a
+    # few threads of its own: more would not parse faster on a small CPU, and every extra thread
+    # grows the process's memory by a malloc arena.
+    parsers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bunny-parse")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        parsers.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="bunny", version="1", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    _install_error_handlers(app)
+    _install_auth(app, api_key)
+    created = int(time.time())
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -345,29 +451,6 @@ def create_app(batcher: DynamicBatcher, model_id: str, api_key: str | None = Non
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
                                             "owned_by": "bunny"}]}
 
-    def prepare(raw: bytes) -> tuple[dict[str, Any], GenerationRequest]:
-        """Parse and check a request (runs in a worker thread: JSON and image decoding are CPU work)."""
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"request body is not valid JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise APIError(400, "request body must be a JSON object")
-        if body.get("model") not in (None, model_id):
-            raise APIError(404, f"model {body.get('model')!r} is not served here; this server serves {model_id!r}",
-                           param="model", code="model_not_found")
-        if not isinstance(body.get("stream", False), bool):
-            raise APIError(400, "stream must be true or false", param="stream")
-        params = parse_params(body, limits)
-        messages, images = parse_messages(body.get("messages"), limits)
-        request = GenerationRequest(messages, images, params)
-        try:
-            check_prompt_chars(messages, char_limit, generator.max_positions)
-            generator.validate(request)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages", code="invalid_prompt") from exc
-        return body, request
-
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):  # noqa: ANN202
         if not request.headers.get("content-type", "").startswith("application/json"):
@@ -375,62 +458,15 @@ def create_app(batcher: DynamicBatcher, model_id: str, api_key: str | None = Non
         raw = await _read_body(request, limits.max_body_bytes)
         body, gen_request = await asyncio.get_running_loop().run_in_executor(parsers, prepare, raw)
         stream = bool(body.get("stream", False))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
         try:
             job = batcher.submit(gen_request, stream=stream)
         except QueueFullError as exc:
             raise APIError(503, str(exc), code="queue_full", headers={"Retry-After": "1"}) from exc
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        now = int(time.time())
+        reply = _Reply(model_id)
         if not stream:
-            try:
-                kind, value = await job.events.get()
-                while kind == "text":
-                    kind, value = await job.events.get()
-            except asyncio.CancelledError:
-                job.cancel()
-                raise
-            if kind == "error":
-                raise APIError(500, f"generation failed: {value}")
-            return {
-                "id": rid, "object": "chat.completion", "created": now, "model": model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": value.text},
-                             "finish_reason": value.finish_reason, "logprobs": None}],
-                "usage": _usage(value),
-            }
-
-        def chunk(delta: dict[str, Any] | None, finish: str | None = None, usage: dict[str, int] | None = None) -> str:
-            obj: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id,
-                                   "choices": [] if delta is None else
-                                   [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-            if usage is not None:
-                obj["usage"] = usage
-            return f"data: {json.dumps(obj)}\n\n"
-
-        async def events() -> AsyncIterator[str]:
-            finished = False
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    kind, value = await job.events.get()
-                    if kind == "text":
-                        yield chunk({"content": value})
-                    elif kind == "error":
-                        err = APIError(500, f"generation failed: {value}").body()
-                        yield f"data: {json.dumps(err)}\n\n"
-                        break
-                    else:
-                        yield chunk({}, value.finish_reason)
-                        if include_usage:
-                            yield chunk(None, usage=_usage(value))
-                        break
-                finished = True
-                yield "data: [DONE]\n\n"
-            finally:
-                if not finished:  # the client went away: stop generating for it
-                    job.cancel()
-
-        return StreamingResponse(events(), media_type="text/event-stream",
+            return await _complete(job, reply)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
+        return StreamingResponse(_stream(job, reply, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
