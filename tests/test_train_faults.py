@@ -155,3 +155,32 @@ def test_resume_refuses_changed_data_and_allows_extending(tmp_path):
     assert got[1]["lr"] != want[1]["lr"]  # before the checkpoint: the 4-step schedule it was planned with
     with pytest.raises(ValueError, match="planned for 2 steps, fewer than the 6"):
         run(tiny_cfg(out, max_steps=2, resume=True, **common))
+
+
+@pytest.mark.slow
+def test_bad_image_stand_in_is_the_same_on_two_processes(tmp_path):
+    """DDP on 2 processes (torchrun, gloo) with a truncated and a missing image under skip reaches the
+    weights of one process: the stand-in depends on the sample alone, not on which process reads it."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    data, images, samples = _small_world(tmp_path)
+    _truncate(images / samples[3]["image"])
+    (images / samples[9]["image"]).unlink()
+    config = _yaml(tmp_path, data_path=data, image_folder=images, image_check="none", on_bad_sample="skip",
+                   per_device_train_batch_size=2, max_steps=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), "-m", "bunny.cli", "train", str(config),
+                           f"output_dir={tmp_path / 'ddp'}"], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("without targets") == 2  # each bad sample logged once, by the process that read it
+    assert cli_main(["train", str(config), f"output_dir={tmp_path / 'one'}"]) == 0
+    assert max_diff(trainable_tensors(tmp_path / "one"), trainable_tensors(tmp_path / "ddp")) <= 1e-5
