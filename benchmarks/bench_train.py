@@ -215,7 +215,7 @@ def worker_flops(paths: dict, stage: str) -> dict:
     from bunny.data.templates import get_template
     from bunny.train.builder import build_start_model
     from bunny.train.data import texts_of
-    from bunny.train.engine import LossModule
+    from bunny.train.engines import LossModule
     from bunny.train.stages import configure_trainable
 
     torch.set_num_threads(1)

@@ -340,3 +340,20 @@ def test_read_rows_matches_full_read(pool):
     got = read_rows(layout, gidx)
     want = np.concatenate([np.load(pool[0] / "img_emb" / f"img_emb_{i}.npy") for i in range(3)])[gidx].astype(np.float32)
     np.testing.assert_allclose(got, want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_an_empty_shard_is_accepted_with_a_log_line(pool, tmp_path, caplog):
+    root = tmp_path / "emb"
+    shutil.copytree(pool[0], root)
+    np.save(root / "img_emb" / "img_emb_3.npy", np.zeros((0, DIM), dtype=np.float32))
+    np.save(root / "text_emb" / "text_emb_3.npy", np.zeros((0, DIM), dtype=np.float32))
+    schema = pq.read_schema(root / "metadata" / "metadata_0.parquet")
+    pq.write_table(schema.empty_table(), root / "metadata" / "metadata_3.parquet")
+    with caplog.at_level("WARNING", logger="bunny.curate"):
+        layout = open_layout(root)
+    assert layout.n == N and [s.rows for s in layout.shards][-1] == 0
+    assert any("shard 3 is empty" in r.getMessage() and "img_emb_3.npy" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bunny.curate"):
+        open_layout(pool[0])
+    assert not any("empty" in r.getMessage() for r in caplog.records)

@@ -117,3 +117,23 @@ def test_whole_file_errors_are_clear(tmp_path):
     assert not samples and issues[0].field == "conversations"
     with pytest.raises(FileNotFoundError, match="data file not found"):
         read_samples(tmp_path / "nope.json")
+
+
+def test_image_paths_outside_the_image_folder_are_refused_unless_allowed(folder):
+    images = folder / "img"
+    _img(folder / "secret.png")  # beside the image folder, not in it
+    (images / "sub").mkdir()
+    data = [{**_good(0), "image": "../secret.png"}, {**_good(1), "image": str(folder / "secret.png")},
+            {**_good(2), "image": "sub/../2.png"}, {**_good(3), "image": "3.png"}]
+    (folder / "d.json").write_text(json.dumps(data))
+    for check in ("decode", "none"):  # even with no image check at all
+        with pytest.raises(DataValidationError) as exc:
+            load_and_validate(folder / "d.json", image_folder=images, image_check=check)
+        bad = {(i.index, i.field) for i in exc.value.issues}
+        assert bad == {(0, "image"), (1, "image")}, exc.value
+        assert "'../secret.png' resolves outside image_folder" in str(exc.value)
+        assert "allow_images_outside_folder" in str(exc.value)
+    report = load_and_validate(folder / "d.json", image_folder=images, allow_outside_folder=True)
+    assert len(report.samples) == 4 and not report.issues
+    report = load_and_validate(folder / "d.json", image_folder=images, on_bad_sample="skip")
+    assert [s.id for s in report.samples] == ["s2", "s3"]

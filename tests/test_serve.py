@@ -8,6 +8,7 @@ import asyncio
 import base64
 import http.server
 import io
+import json
 import os
 import socket
 import subprocess
@@ -25,7 +26,7 @@ from PIL import Image, PngImagePlugin
 from bunny.data.images import load_image
 from bunny.infer.generate import GenerationRequest, Generator, SamplingParams
 from bunny.infer.loading import load_for_inference
-from bunny.serve.app import APIError, ServerLimits, parse_messages
+from bunny.serve.app import APIError, ServerLimits, parse_messages, parse_params
 from bunny.serve.batcher import DynamicBatcher, QueueFullError
 
 KEY = "sk-test-key"
@@ -380,3 +381,86 @@ def test_remote_images_only_when_the_operator_allows_them():
         assert exc.value.code == "remote_url_disabled"
     finally:
         srv.shutdown()
+
+
+# ---- bounded cost: refusals decided before the expensive work (issue 12.1, 12.6) ---------------------------
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the server's RSS from /proc")
+def test_huge_prompts_are_refused_fast_and_memory_stays_flat(world, tmp_path):
+    """Prompts of millions of characters (under the body limit, far over the context) are refused from
+    their length before tokenizing: each costs what reading and parsing the body costs, and the memory does not grow
+    with every such request (it used to keep gigabytes)."""
+    log = tmp_path / "big.log"
+    proc, base = start_server(["--model", str(world["folder"]), "--max-body-mb", "8", "--log-level", "warning"], log)
+    try:
+        wait_healthy(proc, base, log)
+        text = "the cat sat on the mat " * 300_000
+        body = json.dumps({"messages": [{"role": "user", "content": text}]}).encode()
+        # the same bytes refused by a cheap field check: reading + JSON parsing alone (the busy-machine baseline)
+        same_size = json.dumps({"messages": [{"role": "user", "content": text}], "temperature": 9}).encode()
+        assert len(body) > 6_000_000
+        rss, took, baseline = [_rss_mb(proc.pid)], [], []
+        for _ in range(6):
+            for payload, times in ((same_size, baseline), (body, took)):
+                t0 = time.perf_counter()
+                resp = httpx.post(base + "/v1/chat/completions", content=payload,
+                                  headers={"content-type": "application/json"}, timeout=120)
+                times.append(time.perf_counter() - t0)
+                assert resp.status_code == 400, resp.text
+            rss.append(_rss_mb(proc.pid))
+            assert resp.json()["error"]["code"] == "invalid_prompt", resp.text
+        print(f"refusal times {took} s (same-size baseline {baseline} s); server RSS {rss} MB")
+        # tokenizing it took 9-13 s per request here (and ~1 s/MB at 20 MB); now it costs what parsing costs
+        assert sorted(took)[3] < 2 * sorted(baseline)[3] + 0.5, (took, baseline)
+        assert rss[-1] - rss[2] < 40, rss  # flat after warm-up: no tokenizer buffers kept per request
+        assert rss[-1] - rss[0] < 200, rss
+        assert "characters" in resp.json()["error"]["message"]  # refused from its length, before tokenizing
+        # a prompt under the character bound but over the context still gets the exact token check
+        resp = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi " * 600}]},
+                          timeout=60)
+        assert resp.status_code == 400 and "tokens" in resp.json()["error"]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG with only a signature, an IHDR claiming ``width`` x ``height`` and IEND (a decompression
+    bomb's header: decoders that trust it allocate width*height pixels)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(
+        b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [10_000, 30_000])
+def test_pixel_bombs_are_413_whatever_their_size(side):
+    with pytest.raises(APIError) as exc:
+        parse_messages(image_message(data_uri(_png_header(side, side))), ServerLimits())
+    assert exc.value.status == 413 and exc.value.code == "image_too_large", exc.value.message
+
+
+def test_request_counts_are_bounded_before_parsing():
+    limits = ServerLimits(max_messages=4, max_parts=6)
+    many = [{"role": "user", "content": "hi"}] * 5
+    with pytest.raises(APIError) as exc:
+        parse_messages(many, limits)
+    assert exc.value.code == "too_many_messages" and "5 entries" in exc.value.message
+    parts = [{"role": "user", "content": [{"type": "text", "text": "x"}] * 7}]
+    with pytest.raises(APIError) as exc:
+        parse_messages(parts, limits)
+    assert exc.value.code == "too_many_messages" and "7 content parts" in exc.value.message
+    with pytest.raises(APIError) as exc:
+        parse_params({"stop": ["x" * 300]}, ServerLimits(max_stop_chars=256))
+    assert exc.value.param == "stop"
+    assert parse_params({"stop": ["x" * 256]}, ServerLimits(max_stop_chars=256)).stop == ("x" * 256,)

@@ -11,7 +11,7 @@ from bunny.config import load_config
 from bunny.data.templates import TEMPLATES
 from bunny.model.language import LLM_FAMILIES
 from bunny.train.config import TrainConfig
-from bunny.train.engine_deepspeed import resolve_ds_config
+from bunny.train.engines.deepspeed import resolve_ds_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p for p in CONFIGS.glob("bunny-*.yaml"))

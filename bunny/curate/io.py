@@ -22,6 +22,7 @@ for (the k-means sample is gathered through a short-lived memory map, touching o
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+log = logging.getLogger(__name__)
 CHUNK_ROWS = 16_384  # rows read at once inside a shard: bounds memory whatever the shard size
 IMAGE_COLUMNS = ("image", "image_path")  # metadata columns that name the image file, first found wins
 KEY_COLUMNS = ("key", "id", "image_path")  # metadata columns that identify a sample, first found wins
@@ -287,6 +289,9 @@ def open_layout(root: str | Path) -> Layout:
         elif key_col != key_column:
             raise CurateError(f"{files['meta'][i]}: the key column is `{key_col}` but shard {indices[0]} uses "
                               f"`{key_column}`")
+        if not img.rows:  # legitimate (every image of a shard unreadable), but never silent
+            log.warning("shard %d is empty (0 rows in %s, %s, %s)", i, img.path.name, text.path.name,
+                        files["meta"][i].name)
         shards.append(Shard(i, img, text, files["meta"][i], start, img.rows))
         start += img.rows
     if dim is None:

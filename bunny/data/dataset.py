@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bunny.data.samples import Sample, resolve_image
+from bunny.data.images import ImageError
+from bunny.data.samples import Sample, SampleIssue, resolve_image
 from bunny.data.templates import IGNORE_INDEX, ChatTemplate
 
 
@@ -136,8 +137,25 @@ class SupervisedDataset(torch.utils.data.Dataset):
             if self.feature_cache is not None:
                 item["image_features"] = torch.stack([self.feature_cache.get(self.image_key(r)) for r in images])
             else:
-                item["pixel_values"] = torch.stack([self.load_pixels(r) for r in images])
+                try:
+                    item["pixel_values"] = torch.stack([self.load_pixels(r) for r in images])
+                except ImageError as exc:
+                    item.update(self._stand_in(i, exc))
         return item
+
+    def _stand_in(self, i: int, exc: ImageError) -> dict[str, Any]:
+        """What replaces a sample whose image fails to load during training (it passed validation
+        under ``image_check: open/exists/none``): the same tokens with a blank image and no
+        targets, so it teaches nothing. Chosen from the sample alone, never from the RNG or the
+        other samples, so a resumed or multi-process run replays exactly what an uninterrupted one
+        did; the issue travels with the batch for the trainer to log (skip) or stop on (error)."""
+        from PIL import Image
+
+        s = self.samples[i]
+        blank = torch.from_numpy(self.image_processor.preprocess_one(Image.new("RGB", (64, 64)), mode=self.image_mode))
+        issue = SampleIssue(s.source, s.index, "image", f"failed to load during training: {exc}", s.id, s.jsonl)
+        return {"labels": torch.full_like(torch.as_tensor(self.encode(i)[1]), IGNORE_INDEX),
+                "pixel_values": blank.unsqueeze(0).expand(len(s.images), *blank.shape).clone(), "bad": [issue]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +287,7 @@ class Collator:
         batch["n_samples"] = len(items)
         batch["n_tokens"] = int(sum(len(ids) for ids, _ in seqs))
         batch["indices"] = [it["index"] for it in items]
+        batch["bad"] = [issue for it in items for issue in it.get("bad", ())]
         for key in ("pixel_values", "image_features"):
             parts = [it[key] for it in items if key in it]
             if parts:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -86,17 +87,24 @@ class SampleIssue:
 class DataValidationError(ValueError):
     """Training data failed validation; ``issues`` holds every problem found."""
 
-    def __init__(self, issues: Sequence[SampleIssue], n_samples: int, max_listed: int = 50):
+    def __init__(self, issues: Sequence[SampleIssue], n_samples: int, max_listed: int = 50,
+                 whole_file: bool = False):
         self.issues = list(issues)
         bad = len({i.key for i in self.issues})
-        lines = [str(i) for i in self.issues[:max_listed]]
+        lines = [f"{i.source}: {i.message}" if whole_file else str(i) for i in self.issues[:max_listed]]
         more = len(self.issues) - len(lines)
         if more > 0:
             lines.append(f"... and {more} more")
-        super().__init__(
-            f"{len(self.issues)} problem(s) in {bad} of {n_samples} sample(s) "
-            f"(set on_bad_sample: skip to train without them):\n  " + "\n  ".join(lines)
-        )
+        head = (f"{len(self.issues)} problem(s) reading the data (a file that cannot be read as a whole cannot "
+                "be skipped sample by sample; fix it)" if whole_file else
+                f"{len(self.issues)} problem(s) in {bad} of {n_samples} sample(s) "
+                "(set on_bad_sample: skip to train without them)")
+        super().__init__(head + ":\n  " + "\n  ".join(lines))
+
+
+def _file_error(path: Path, line: int, fld: str, msg: str) -> DataValidationError:
+    """A problem with a whole data file, as the same named report (exit 2) as a sample's."""
+    return DataValidationError([_issue(str(path), line, fld, msg, jsonl=True)], 0, whole_file=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +144,12 @@ def _to_sample(obj: Any, source: str, index: int, jsonl: bool, issues: list[Samp
     return Sample(id=str(sid), conversations=convs, images=images, source=str(source), index=index, jsonl=jsonl)
 
 
+def text_line(path: Path, byte: int) -> int:
+    """The 1-based line of byte offset ``byte`` in ``path``."""
+    with open(path, "rb") as f:
+        return f.read(byte).count(b"\n") + 1
+
+
 def read_samples(paths: str | Path | Iterable[str | Path]) -> tuple[list[Sample], list[SampleIssue]]:
     """Read LLaVA JSON lists or JSONL files. Returns the parsed samples and the structural issues
     (records that are not samples at all), so a caller can report them with the other checks."""
@@ -150,7 +164,9 @@ def read_samples(paths: str | Path | Iterable[str | Path]) -> tuple[list[Sample]
         except FileNotFoundError:
             raise FileNotFoundError(f"data file not found: {path}") from None
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}: not UTF-8 text ({exc})") from exc
+            line = text_line(path, exc.start)
+            raise _file_error(path, line, "encoding",
+                              f"not UTF-8 text ({exc.reason} at byte {exc.start}, line {line})") from None
         stripped = text.lstrip()
         if path.suffix == ".jsonl" or (stripped and not stripped.startswith("[")):
             for lineno, line in enumerate(text.splitlines(), start=1):
@@ -169,9 +185,10 @@ def read_samples(paths: str | Path | Iterable[str | Path]) -> tuple[list[Sample]
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+                raise _file_error(path, exc.lineno, "json",
+                                  f"not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
             if not isinstance(data, list):
-                raise ValueError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")
+                raise _file_error(path, 1, "json", f"expected a JSON list of samples, got {type(data).__name__}")
             for i, obj in enumerate(data):
                 s = _to_sample(obj, str(path), i, False, issues)
                 if s is not None:
@@ -249,6 +266,25 @@ def resolve_image(image_folder: str | Path | None, rel: str) -> Path:
     return Path(image_folder) / rel if image_folder is not None else Path(rel)
 
 
+def check_image_paths(samples: Sequence[Sample], image_folder: str | Path | None) -> list[SampleIssue]:
+    """Image paths must stay inside ``image_folder``: an absolute path or a ``..`` that climbs out of
+    it reads files the data set does not own (a typo, or data from an untrusted source). Symbolic
+    links inside the folder are followed as the user set them up (the path text is checked, not
+    where its links point). No folder set: paths are the user's own, relative to the working folder."""
+    if image_folder is None:
+        return []
+    root = os.path.normpath(os.path.abspath(image_folder))
+    out = []
+    for s in samples:
+        for k, rel in enumerate(s.images):
+            full = os.path.normpath(os.path.join(root, rel))
+            if os.path.isabs(rel) or os.path.commonpath([root, full]) != root:
+                fld = "image" if len(s.images) == 1 else f"image[{k}]"
+                out.append(_issue(s.source, s.index, fld, f"{rel!r} resolves outside image_folder {image_folder} "
+                                  "(set allow_images_outside_folder: true if that is intended)", s.id, s.jsonl))
+    return out
+
+
 def _check_one_image(path: Path, how: ImageCheck) -> str | None:
     from bunny.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 
@@ -317,6 +353,7 @@ def validate(
     max_length: int | None = None,
     read_issues: Sequence[SampleIssue] = (),
     workers: int = 8,
+    allow_outside_folder: bool = False,
 ) -> ValidationReport:
     """Run every check on every sample; return the samples without issues, and all the issues.
 
@@ -326,7 +363,13 @@ def validate(
     issues = list(read_issues)
     for s in samples:
         issues.extend(check_conversation(s))
-    issues.extend(check_images(samples, image_folder, image_check, workers))
+    to_open = samples
+    if not allow_outside_folder:
+        outside = check_image_paths(samples, image_folder)
+        issues.extend(outside)
+        out_keys = {i.key for i in outside}  # their files are never opened
+        to_open = [s for s in samples if (s.source, s.index) not in out_keys]
+    issues.extend(check_images(to_open, image_folder, image_check, workers))
     bad = {i.key for i in issues}
     lengths: list[int] | None = [] if length_fn is not None else None
     kept: list[Sample] = []
@@ -373,12 +416,13 @@ def load_and_validate(
     length_fn: Callable[[Sample], int] | None = None,
     max_length: int | None = None,
     max_samples: int | None = None,
+    allow_outside_folder: bool = False,
 ) -> ValidationReport:
     """Read, validate and apply the policy: the samples to train on (``report.samples``)."""
     samples, read_issues = read_samples(paths)
     if max_samples is not None:
         samples = samples[:max_samples]
     report = validate(samples, image_folder=image_folder, image_check=image_check, length_fn=length_fn,
-                      max_length=max_length, read_issues=read_issues)
+                      max_length=max_length, read_issues=read_issues, allow_outside_folder=allow_outside_folder)
     report.samples = apply_policy(report, on_bad_sample)
     return report

@@ -13,11 +13,13 @@ example:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
-from bunny.eval.tasks import TASKS, EvalDataError, read_answers
+from bunny.eval.tasks import TASKS, AnswerFile, EvalDataError, read_answers
 from bunny.registry import UnknownNameError
 
 
@@ -39,6 +41,30 @@ def parse_options(items: list[str] | None, task_names: list[str]) -> dict[str, d
                 if key in TASKS.get(t).option_names:
                     out[t][key] = value
     return out
+
+
+def reconcile_ids(answers: AnswerFile, known: set[str]) -> None:
+    """Ids are matched as text, so ``1`` and ``"1"`` name one question. Say so where a file spells
+    one id both ways (naming the lines), and count a repeated id that is not in the benchmark once,
+    as unknown, not also as answered twice."""
+    if answers.path is None or not answers.duplicates:
+        return
+    seen: dict[str, list[tuple[int, Any]]] = {}
+    with open(answers.path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                qid = json.loads(line)["question_id"]
+                seen.setdefault(str(qid), []).append((n, qid))
+    for key, uses in seen.items():
+        if len(uses) < 2:
+            continue
+        if len({type(q) for _, q in uses}) > 1:
+            spelled = " and ".join(f"{json.dumps(q)} (line {n})" for n, q in uses)
+            logging.getLogger("bunny.eval").warning(
+                "%s: question_id %s are one id (ids are matched as text); the last answer, line %d, is kept",
+                answers.path, spelled, uses[-1][0])
+        if key not in known:
+            answers.duplicates -= len(uses) - 1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         task = build_task(args.task, args.data, split=args.split, **options)
         answers = read_answers(args.answers)
         docs = task.docs()
+        reconcile_ids(answers, {d.key for d in docs})
         if args.only_answered:
             docs = [d for d in docs if d.key in answers.texts]
         out = Path(args.out) if args.out else Path(args.answers).resolve().parent

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bunny.data.images import ImageError, load_image
 from bunny.infer.generate import IMAGE_PLACEHOLDER, GenerationRequest, Generator, SamplingParams
 from bunny.serve.batcher import DynamicBatcher, QueueFullError
+from bunny.serve.budget import check_prompt_chars, prompt_char_limit
 
 logger = logging.getLogger("bunny.serve")
 
@@ -58,6 +59,9 @@ class ServerLimits:
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     max_images: int = 8
+    max_messages: int = 256
+    max_parts: int = 1024
+    max_stop_chars: int = 256
     max_new_tokens: int = 1024
     default_max_tokens: int = 256
     allow_remote_images: bool = False
@@ -154,6 +158,9 @@ def decode_image(url: str, where: str, limits: ServerLimits) -> Image.Image:
     try:
         with Image.open(io.BytesIO(raw), formats=sorted(set(IMAGE_TYPES.values()))) as probe:
             fmt, (w, h) = probe.format, probe.size
+    except Image.DecompressionBombError as exc:  # PIL refuses huge headers itself: still "too large"
+        raise APIError(413, f"{where}: image is over the limit of {limits.max_image_pixels} pixels ({exc})",
+                       param=where, code="image_too_large") from exc
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad headers
         raise APIError(400, f"{where}: not a decodable {mime} image", param=where, code="invalid_image") from exc
     if fmt != IMAGE_TYPES[mime]:
@@ -171,6 +178,13 @@ def parse_messages(raw: Any, limits: ServerLimits) -> tuple[list[dict[str, str]]
     """OpenAI ``messages`` -> template messages with ``<image>`` placeholders, and the images."""
     if not isinstance(raw, list) or not raw:
         raise APIError(400, "messages must be a non-empty list", param="messages")
+    if len(raw) > limits.max_messages:
+        raise APIError(400, f"messages has {len(raw)} entries, over this server's limit of {limits.max_messages}",
+                       param="messages", code="too_many_messages")
+    n_parts = sum(len(m["content"]) for m in raw if isinstance(m, dict) and isinstance(m.get("content"), list))
+    if n_parts > limits.max_parts:
+        raise APIError(400, f"messages have {n_parts} content parts, over this server's limit of {limits.max_parts}",
+                       param="messages", code="too_many_messages")
     messages: list[dict[str, str]] = []
     images: list[Image.Image] = []
     for i, msg in enumerate(raw):
@@ -261,6 +275,8 @@ def parse_params(body: dict[str, Any], limits: ServerLimits) -> SamplingParams:
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, "stop must be a non-empty string or a list of at most 4 of them", param="stop")
+    if any(len(s) > limits.max_stop_chars for s in stop):
+        raise APIError(400, f"each stop string must be at most {limits.max_stop_chars} characters", param="stop")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise APIError(400, f"seed must be an integer, got {seed!r}", param="seed")
@@ -279,23 +295,105 @@ def _usage(result: Any) -> dict[str, int]:
             "total_tokens": result.prompt_tokens + result.completion_tokens}
 
 
-def create_app(batcher: DynamicBatcher, model_id: str, api_key: str | None = None,
-               limits: ServerLimits | None = None) -> FastAPI:
-    """The FastAPI application; ``batcher`` owns the model."""
-    limits = limits or ServerLimits()
-    generator: Generator = batcher.generator
-    # Parsing (JSON, base64, image decoding, tokenizing) is CPU work done off the event loop, in a
-    # few threads of its own: more would not parse faster on a small CPU, and every extra thread
-    # grows the process's memory by a malloc arena.
-    parsers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bunny-parse")
+class RequestPreparer:
+    """Raw body -> (body, GenerationRequest), every check applied, cheapest first (runs in a worker
+    thread: JSON and image decoding are CPU work). The prompt's length in characters is checked
+    before its tokens are counted (see :mod:`bunny.serve.budget`)."""
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        parsers.shutdown(wait=False, cancel_futures=True)
+    def __init__(self, generator: Generator, model_id: str, limits: ServerLimits) -> None:
+        self.generator, self.model_id, self.limits = generator, model_id, limits
+        self.char_limit = prompt_char_limit(generator.max_positions, generator.tokenizer)
 
-    app = FastAPI(title="bunny", version="1", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    created = int(time.time())
+    def __call__(self, raw: bytes) -> tuple[dict[str, Any], GenerationRequest]:
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"request body is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object")
+        if body.get("model") not in (None, self.model_id):
+            raise APIError(404, f"model {body.get('model')!r} is not served here; this server serves "
+                           f"{self.model_id!r}", param="model", code="model_not_found")
+        if not isinstance(body.get("stream", False), bool):
+            raise APIError(400, "stream must be true or false", param="stream")
+        params = parse_params(body, self.limits)
+        messages, images = parse_messages(body.get("messages"), self.limits)
+        request = GenerationRequest(messages, images, params)
+        try:
+            check_prompt_chars(messages, self.char_limit, self.generator.max_positions)
+            self.generator.validate(request)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages", code="invalid_prompt") from exc
+        return body, request
+
+
+@dataclass
+class _Reply:
+    """The fields every response body and stream chunk of one completion shares."""
+
+    model_id: str
+    rid: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def completion(self, result: Any) -> dict[str, Any]:
+        return {
+            "id": self.rid, "object": "chat.completion", "created": self.created, "model": self.model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                         "finish_reason": result.finish_reason, "logprobs": None}],
+            "usage": _usage(result),
+        }
+
+    def chunk(self, delta: dict[str, Any] | None, finish: str | None = None,
+              usage: dict[str, int] | None = None) -> str:
+        obj: dict[str, Any] = {"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
+                               "model": self.model_id, "choices": [] if delta is None else
+                               [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        if usage is not None:
+            obj["usage"] = usage
+        return f"data: {json.dumps(obj)}\n\n"
+
+
+async def _complete(job: Any, reply: _Reply) -> dict[str, Any]:
+    """Wait for the whole answer (a client that goes away cancels its generation)."""
+    try:
+        kind, value = await job.events.get()
+        while kind == "text":
+            kind, value = await job.events.get()
+    except asyncio.CancelledError:
+        job.cancel()
+        raise
+    if kind == "error":
+        raise APIError(500, f"generation failed: {value}")
+    return reply.completion(value)
+
+
+async def _stream(job: Any, reply: _Reply, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: a role chunk, text deltas, the finish chunk (and usage), ``[DONE]``."""
+    finished = False
+    try:
+        yield reply.chunk({"role": "assistant", "content": ""})
+        while True:
+            kind, value = await job.events.get()
+            if kind == "text":
+                yield reply.chunk({"content": value})
+            elif kind == "error":
+                err = APIError(500, f"generation failed: {value}").body()
+                yield f"data: {json.dumps(err)}\n\n"
+                break
+            else:
+                yield reply.chunk({}, value.finish_reason)
+                if include_usage:
+                    yield reply.chunk(None, usage=_usage(value))
+                break
+        finished = True
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:  # the client went away: stop generating for it
+            job.cancel()
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error, ours or the framework's, answered as OpenAI's ``{"error": {...}}`` body."""
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -310,6 +408,10 @@ def create_app(batcher: DynamicBatcher, model_id: str, api_key: str | None = Non
         logger.error("internal error", exc_info=exc)
         return APIError(500, f"internal error ({type(exc).__name__}); see the server log").response()
 
+
+def _install_auth(app: FastAPI, api_key: str | None) -> None:
+    """``Authorization: Bearer KEY`` on ``/v1/*`` when a key is set (compared in constant time)."""
+
     @app.middleware("http")
     async def _auth(request: Request, call_next):  # noqa: ANN001, ANN202
         if api_key and request.url.path.startswith("/v1/"):
@@ -318,6 +420,27 @@ def create_app(batcher: DynamicBatcher, model_id: str, api_key: str | None = Non
                 return APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
                                 code="invalid_api_key").response()
         return await call_next(request)
+
+
+def create_app(batcher: DynamicBatcher, model_id: str, api_key: str | None = None,
+               limits: ServerLimits | None = None) -> FastAPI:
+    """The FastAPI application; ``batcher`` owns the model."""
+    limits = limits or ServerLimits()
+    prepare = RequestPreparer(batcher.generator, model_id, limits)
+    # Parsing (JSON, base64, image decoding, tokenizing) is CPU work done off the event loop, in a
+    # few threads of its own: more would not parse faster on a small CPU, and every extra thread
+    # grows the process's memory by a malloc arena.
+    parsers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bunny-parse")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        parsers.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="bunny", version="1", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    _install_error_handlers(app)
+    _install_auth(app, api_key)
+    created = int(time.time())
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -328,28 +451,6 @@ def create_app(batcher: DynamicBatcher, model_id: str, api_key: str | None = Non
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
                                             "owned_by": "bunny"}]}
 
-    def prepare(raw: bytes) -> tuple[dict[str, Any], GenerationRequest]:
-        """Parse and check a request (runs in a worker thread: JSON and image decoding are CPU work)."""
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"request body is not valid JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise APIError(400, "request body must be a JSON object")
-        if body.get("model") not in (None, model_id):
-            raise APIError(404, f"model {body.get('model')!r} is not served here; this server serves {model_id!r}",
-                           param="model", code="model_not_found")
-        if not isinstance(body.get("stream", False), bool):
-            raise APIError(400, "stream must be true or false", param="stream")
-        params = parse_params(body, limits)
-        messages, images = parse_messages(body.get("messages"), limits)
-        request = GenerationRequest(messages, images, params)
-        try:
-            generator.validate(request)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages", code="invalid_prompt") from exc
-        return body, request
-
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):  # noqa: ANN202
         if not request.headers.get("content-type", "").startswith("application/json"):
@@ -357,62 +458,15 @@ def create_app(batcher: DynamicBatcher, model_id: str, api_key: str | None = Non
         raw = await _read_body(request, limits.max_body_bytes)
         body, gen_request = await asyncio.get_running_loop().run_in_executor(parsers, prepare, raw)
         stream = bool(body.get("stream", False))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
         try:
             job = batcher.submit(gen_request, stream=stream)
         except QueueFullError as exc:
             raise APIError(503, str(exc), code="queue_full", headers={"Retry-After": "1"}) from exc
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        now = int(time.time())
+        reply = _Reply(model_id)
         if not stream:
-            try:
-                kind, value = await job.events.get()
-                while kind == "text":
-                    kind, value = await job.events.get()
-            except asyncio.CancelledError:
-                job.cancel()
-                raise
-            if kind == "error":
-                raise APIError(500, f"generation failed: {value}")
-            return {
-                "id": rid, "object": "chat.completion", "created": now, "model": model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": value.text},
-                             "finish_reason": value.finish_reason, "logprobs": None}],
-                "usage": _usage(value),
-            }
-
-        def chunk(delta: dict[str, Any] | None, finish: str | None = None, usage: dict[str, int] | None = None) -> str:
-            obj: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id,
-                                   "choices": [] if delta is None else
-                                   [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-            if usage is not None:
-                obj["usage"] = usage
-            return f"data: {json.dumps(obj)}\n\n"
-
-        async def events() -> AsyncIterator[str]:
-            finished = False
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    kind, value = await job.events.get()
-                    if kind == "text":
-                        yield chunk({"content": value})
-                    elif kind == "error":
-                        err = APIError(500, f"generation failed: {value}").body()
-                        yield f"data: {json.dumps(err)}\n\n"
-                        break
-                    else:
-                        yield chunk({}, value.finish_reason)
-                        if include_usage:
-                            yield chunk(None, usage=_usage(value))
-                        break
-                finished = True
-                yield "data: [DONE]\n\n"
-            finally:
-                if not finished:  # the client went away: stop generating for it
-                    job.cancel()
-
-        return StreamingResponse(events(), media_type="text/event-stream",
+            return await _complete(job, reply)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
+        return StreamingResponse(_stream(job, reply, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app

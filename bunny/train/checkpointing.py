@@ -9,6 +9,7 @@ Layout (``output_dir/checkpoints/``)::
       scheduler.pt
       rng/rank0.pt ...       python, numpy, torch (CPU + CUDA) generator states of every process
       deepspeed/ or dcp/     instead of the two files above under DeepSpeed / FSDP2
+      manifest.json          size and SHA-256 of every file above, written last (see verify_checkpoint)
 
 Why atomic: a checkpoint is written to a hidden temporary folder next to the final one and
 renamed into place only when every process has finished writing (``os.rename`` of a folder is
@@ -22,7 +23,9 @@ LoRA checkpoint of a 3B model is a few hundred MB, not 6 GB.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -36,6 +39,11 @@ import numpy as np
 import torch
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
+log = logging.getLogger("bunny.train")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used (damaged, or not this run's): the message names the file."""
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -239,21 +247,82 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / "trainer_state.json").read_text())
 
 
+# ---------------------------------------------------------------------------------------------
+# the manifest: how a checkpoint is verified before it is trusted
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(tmp: Path) -> None:
+    """Size and SHA-256 of every file of the checkpoint, written last (after every process has
+    written), so a checkpoint whose manifest lists a file at a size it no longer has was damaged
+    after it was saved (a full disk, a copy cut short, a truncation)."""
+    files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (tmp / MANIFEST).write_text(json.dumps({"files": entries}, indent=1, sort_keys=True))
+
+
+def verify_checkpoint(ckpt: Path, hashes: bool = True) -> str | None:
+    """None when ``ckpt`` is intact, else what is wrong with which file. Sizes are always compared;
+    ``hashes`` also re-reads every file (the checkpoint is about to be read anyway). A checkpoint
+    written before manifests existed is trusted as it is."""
+    path = ckpt / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        return f"{path}: unreadable manifest ({exc})"
+    for rel, meta in files.items():
+        f = ckpt / rel
+        if not f.is_file():
+            return f"{f}: missing"
+        size = f.stat().st_size
+        if size != meta["bytes"]:
+            return f"{f}: {size} bytes, the manifest says {meta['bytes']} (truncated or overwritten)"
+        if hashes and _sha256(f) != meta["sha256"]:
+            return f"{f}: content differs from the manifest's SHA-256 (damaged)"
+    return None
+
+
+def newest_intact(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint that passes :func:`verify_checkpoint`; each damaged newer one is
+    reported (the file at fault named) and passed over."""
+    for ckpt in reversed(list_checkpoints(output_dir)):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        log.warning("resume: checkpoint %s is damaged: %s; trying the one before it", ckpt.name, problem)
+    return None
+
+
 def resolve_resume(output_dir: str | Path, resume: Any) -> Path | None:
-    """The checkpoint to resume from: ``auto``/``True`` = newest in output_dir, or an explicit path."""
+    """The checkpoint to resume from: ``auto``/``True`` = the newest intact one in output_dir, or an
+    explicit path (a checkpoint, which must be intact, or a run folder)."""
     if resume in (False, None):
         return None
     if resume in (True, "auto"):
-        ckpt = latest_checkpoint(output_dir)
+        ckpt = newest_intact(output_dir)
         if ckpt is None and resume is True:
-            print(f"resume: no checkpoint in {checkpoint_root(output_dir)}; starting from scratch")
+            print(f"resume: no intact checkpoint in {checkpoint_root(output_dir)}; starting from scratch")
         return ckpt
     path = Path(resume)
     if (path / "trainer_state.json").is_file():
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise CheckpointError(f"resume: checkpoint {path} is damaged: {problem}")
         return path
-    ckpt = latest_checkpoint(path)
+    ckpt = newest_intact(path)
     if ckpt is None:
-        raise FileNotFoundError(f"resume: {path} is neither a checkpoint nor a run folder with checkpoints")
+        raise FileNotFoundError(f"resume: {path} is neither a checkpoint nor a run folder with intact checkpoints")
     return ckpt
 
 
@@ -283,6 +352,8 @@ def save_checkpoint(
         write_state(tmp, state)
     save_rng(tmp, rank)
     barrier()
+    if rank == 0:
+        write_manifest(tmp)
     final = commit(tmp, step, keep) if rank == 0 else None
     barrier()
     return final

@@ -44,11 +44,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"bunny train: config error: {exc}", file=sys.stderr)
         return 2
     from bunny.data.samples import DataValidationError
+    from bunny.train.checkpointing import CheckpointError
     from bunny.train.trainer import run as train
 
     try:
         final = train(cfg)
-    except (ConfigError, DataValidationError) as exc:
+    except (ConfigError, DataValidationError, CheckpointError) as exc:
         print(f"bunny train: {exc}", file=sys.stderr)
         return 2
     if final is not None:

@@ -114,6 +114,9 @@ class TrainConfig:
     image_check: Literal["decode", "open", "exists", "none"] = "decode"
     """How validation checks images before training: decode fully (catches truncated files), open the
     header only (fast on millions of images), check existence, or nothing."""
+    allow_images_outside_folder: bool = False
+    """Accept image paths that are absolute or climb out of image_folder with ``..`` (refused by default:
+    such a path reads files the data set does not own)."""
     group_by_modality_length: bool = True
     """Image and text-only samples in separate global batches (as Bunny/LLaVA's group_by_modality_length)."""
     group_by_length: bool = True

@@ -9,6 +9,7 @@ kept samples' positions, token lengths and target counts, or the error) to the o
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,28 @@ def read_raw(cfg: TrainConfig) -> tuple[list[Sample], list]:
     if cfg.max_samples is not None:
         samples = samples[: cfg.max_samples]
     return samples, read_issues
+
+
+def data_fingerprint(cfg: TrainConfig, samples: list[Sample], read_issues: list, n_kept: int) -> dict[str, Any]:
+    """What the run trains on, cheaply (no file is read again, whatever its size): each data file's
+    name and size, the records read and the samples kept after validation. A resume compares it with
+    the checkpoint's so it never continues at step k on data that shifted under it."""
+    files = [[str(p), Path(p).stat().st_size] for p in cfg.data_path or []]
+    return {"files": files, "samples_read": len(samples) + len({i.key for i in read_issues}), "samples_kept": n_kept}
+
+
+def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two fingerprints, in words (empty: the same data)."""
+    changes = []
+    old_files, new_files = dict(map(tuple, old.get("files", []))), dict(map(tuple, new.get("files", [])))
+    for name in sorted(set(old_files) | set(new_files)):
+        a, b = old_files.get(name), new_files.get(name)
+        if a != b:
+            changes.append(f"{name}: " + ("added" if a is None else "removed" if b is None else f"{a} -> {b} bytes"))
+    for key in ("samples_read", "samples_kept"):
+        if old.get(key) != new.get(key):
+            changes.append(f"{key.replace('_', ' ')}: {old.get(key)} -> {new.get(key)}")
+    return changes
 
 
 def texts_of(samples: list[Sample]) -> list[str]:
@@ -56,7 +79,8 @@ def build_dataset(
             return len(ids)
 
         report = validate(samples, image_folder=cfg.image_folder, image_check=cfg.image_check, length_fn=length_fn,
-                          max_length=cfg.model_max_length, read_issues=read_issues)
+                          max_length=cfg.model_max_length, read_issues=read_issues,
+                          allow_outside_folder=cfg.allow_images_outside_folder)
         try:
             kept = apply_policy(report, cfg.on_bad_sample)
             position = {(s.source, s.index): k for k, s in enumerate(samples)}

@@ -43,3 +43,14 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(kind, total_steps, warmup))
+
+
+def resync_lr(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set each group's lr from the scheduler's own curve at its current step.
+
+    After a resume the optimizer holds the lr the saved run computed for the next step; when the
+    run was extended (a larger ``max_steps``/``num_train_epochs``) the curve is a new one, and the
+    next step must already use it. For an unchanged curve this writes the very value loaded
+    (``base_lr * f(step)``, the expression ``LambdaLR`` itself evaluates)."""
+    for group, base, f in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * f(scheduler.last_epoch)

@@ -25,16 +25,18 @@ import torch
 
 from bunny.config import to_dict
 from bunny.data.dataset import BatchPlan, Collator
+from bunny.data.samples import DataValidationError, SampleIssue
 from bunny.data.templates import get_template
 from bunny.train import checkpointing as ckpt_io
 from bunny.train.builder import PROJECTOR_FILE, build_start_model
 from bunny.train.config import ConfigError, TrainConfig
-from bunny.train.data import build_dataset, read_raw, texts_of
+from bunny.train.data import build_dataset, data_fingerprint, fingerprint_changes, read_raw, texts_of
 from bunny.train.distributed import DistInfo, setup, teardown
-from bunny.train.engine import LossModule, build_engine
-from bunny.train.metrics import MetricsWriter, plot_loss
-from bunny.train.schedule import warmup_steps_for
+from bunny.train.engines import LossModule, build_engine
+from bunny.train.metrics import plot_loss
+from bunny.train.schedule import resync_lr, warmup_steps_for
 from bunny.train.stages import check_qlora_available, configure_trainable, trainable_summary
+from bunny.train.window import StepWindow
 
 log = logging.getLogger("bunny.train")
 
@@ -42,8 +44,13 @@ log = logging.getLogger("bunny.train")
 RUNTIME_KEYS = {
     "output_dir", "resume", "logging_steps", "save_steps", "save_total_limit", "report_to", "progress_bar",
     "stop_after_steps", "dataloader_num_workers", "device", "save_merged", "image_check", "feature_cache",
-    "cpu_threads",
+    "cpu_threads", "allow_images_outside_folder",
 }
+
+
+#: config keys that may change on resume to extend (or shorten) a run; the lr schedule is then the
+#: one planned for the new total (docs/training.md, "Extending a run")
+EXTENDABLE_KEYS = {"max_steps", "num_train_epochs"}
 
 
 def _seed_all(seed: int) -> None:
@@ -115,13 +122,26 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (batch[k].to(device, non_blocking=True) if torch.is_tensor(batch.get(k)) else None) for k in keys}
 
 
-def _progress(cfg: TrainConfig, main: bool, total: int, initial: int):
-    if not (main and cfg.progress_bar):
-        return None
-    from tqdm import tqdm
+def _handle_bad_images(micro: list[dict[str, Any]], step: int, cfg: TrainConfig, dist: DistInfo,
+                       save: Any, n_samples: int) -> None:
+    """Samples whose image failed to load in this step (see ``SupervisedDataset._stand_in``).
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=0.5,
-                file=sys.stderr)
+    ``skip``: log each (file, sample id, step); they train as stand-ins with no targets.
+    ``error``: save a checkpoint of the state before this step (nothing is lost, and ``--resume``
+    after fixing the data continues exactly), then stop with the same problem report as validation.
+    """
+    bad = [issue for batch in micro for issue in batch.get("bad", ())]
+    if cfg.on_bad_sample == "skip":
+        for issue in bad:
+            log.warning("step %d: %s; trained as a blank image without targets (on_bad_sample: skip)", step + 1, issue)
+        return
+    n_bad = int(dist.all_reduce_sum(len(bad))) if dist.world_size > 1 else len(bad)
+    if n_bad == 0:
+        return
+    save(step)
+    if not bad:  # another process found it and reports it
+        bad = [SampleIssue("(another process)", step + 1, "image", "a sample of this step failed to load")]
+    raise DataValidationError(bad, n_samples)
 
 
 def run(cfg: TrainConfig) -> Path | None:
@@ -139,47 +159,127 @@ def run(cfg: TrainConfig) -> Path | None:
 
 def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
     t_start = time.time()
+    out = _prepare(cfg, dist)
+    resume_from, resume_state = _resume_point(cfg, out)
+    samples, read_issues = read_raw(cfg)
+    model, processor, base_folder = build_start_model(cfg, lambda: texts_of(samples), dist.is_main, dist.barrier)
+    dataset, data_fp = _dataset(cfg, samples, read_issues, model, processor, dist, resume_from, resume_state)
+    base_folder = _lora_base(cfg, model, processor, base_folder, out, dist)
+    autocast_dtype = _place_model(cfg, model, dist)
+    _attach_feature_cache(cfg, model, processor, dataset, dist, autocast_dtype)
+    plan, total_steps, warmup, accum = _plan(cfg, dataset, dist)
+    engine = _engine(cfg, model, dataset, dist, autocast_dtype, total_steps, warmup, accum)
+    start_step = _resume(engine, resume_from, resume_state, total_steps, dist)
+
+    spe = plan.steps_per_epoch
+    collator = Collator(pad_token_id=int(processor.tokenizer.pad_token_id), pack=cfg.packing,
+                        pack_length=cfg.model_max_length)
+    batches = _Batches(dataset, plan, collator, cfg, dist.rank, pin=dist.device.type == "cuda")
+    window = StepWindow(cfg, dist, out, spe, total_steps, start_step, resumed=resume_from is not None)
+
+    def save(step: int) -> None:
+        state = {"step": step, "epoch": step / spe, "world_size": dist.world_size, "total_steps": total_steps,
+                 "global_batch_size": plan.global_batch_size, "recipe": _recipe_digest(cfg), "engine": engine.kind,
+                 "data": data_fp}
+        ckpt_io.save_checkpoint(out, step, rank=dist.rank, keep=cfg.save_total_limit, state=state,
+                                write_main=lambda tmp: None, write_all=lambda tmp: engine.save(tmp, dist.rank),
+                                barrier=dist.barrier)
+
+    # ---- the loop: one optimizer step per global batch of the plan ------------------------------
+    step = start_step
+    while step < total_steps:
+        epoch, in_epoch = divmod(step, spe)
+        denominators = [max(1, int(dataset.targets[b].sum())) for b in plan.global_batches(epoch)]
+        it = iter(batches.loader(epoch, in_epoch))
+        for s in range(in_epoch, min(spe, in_epoch + total_steps - step)):
+            micro = [next(it) for _ in range(accum)]  # the whole step first: a bad image stops it before it runs
+            _handle_bad_images(micro, step, cfg, dist, save, len(dataset))
+            for a, batch in enumerate(micro):
+                with engine.accumulating(last=a == accum - 1):
+                    loss = engine.forward(num_items=denominators[s], **_to_device(batch, dist.device))
+                    engine.backward(loss)
+                window.add(loss, batch)
+            lrs = engine.lrs()  # the rates this step uses (the scheduler moves them in step())
+            grad_norm = engine.step()
+            step += 1
+            window.step_done(step, lrs, grad_norm)
+            if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < total_steps:
+                save(step)
+            if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps:
+                window.close()
+                log.info("stopped after step %d (stop_after_steps)", step)
+                return None
+        del it
+    window.close()
+    return _finish(cfg, engine, model, processor, samples, base_folder, out, dist, total_steps, t_start)
+
+
+# ---- the phases, in the order _run calls them ---------------------------------------------------------
+def _prepare(cfg: TrainConfig, dist: DistInfo) -> Path:
+    """Logging, the output folder (leftovers of a killed save removed), threads, QLoRA check, seeds."""
     _setup_logging(dist.is_main)
     out = Path(cfg.output_dir)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt_io.clean_stale_temporaries(out)
     dist.barrier()
-    device = dist.device
     if cfg.cpu_threads is not None:
         torch.set_num_threads(cfg.cpu_threads)
-    check_qlora_available(cfg, device)
+    check_qlora_available(cfg, dist.device)
     _seed_all(cfg.seed)
+    return out
+
+
+def _resume_point(cfg: TrainConfig, out: Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint to resume from (the newest intact one) and its state; refuses a changed recipe."""
     resume_from = ckpt_io.resolve_resume(out, cfg.resume)
     resume_state = ckpt_io.read_state(resume_from) if resume_from is not None else None
     if resume_state is not None:
-        diff = sorted(k for k, v in _recipe_digest(cfg).items() if resume_state.get("recipe", {}).get(k) != v)
+        diff = sorted(k for k, v in _recipe_digest(cfg).items()
+                      if k not in EXTENDABLE_KEYS and resume_state.get("recipe", {}).get(k) != v)
         if diff:
             raise ConfigError(f"resume from {resume_from}: the config differs from the run's in {diff}; "
                               "resume with the same recipe (only runtime keys such as save_steps may change)")
+    return resume_from, resume_state
 
-    # ---- data (read) and the start model ------------------------------------------------------
-    samples, read_issues = read_raw(cfg)
-    model, processor, base_folder = build_start_model(cfg, lambda: texts_of(samples), dist.is_main, dist.barrier)
+
+def _dataset(cfg: TrainConfig, samples: list, read_issues: list, model: Any, processor: Any, dist: DistInfo,
+             resume_from: Path | None, resume_state: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
+    """Validate the data with the model's template and tokenizer; on resume, refuse changed data."""
     template = get_template(cfg.template or model.config.chat_template)
     dataset = build_dataset(cfg, samples, read_issues, processor=processor, template=template, dist=dist)
+    data_fp = data_fingerprint(cfg, samples, read_issues, len(dataset))
+    if resume_state is not None and "data" in resume_state:
+        changes = fingerprint_changes(resume_state["data"], data_fp)
+        if changes:
+            raise ConfigError(f"resume from {resume_from}: the training data changed since the checkpoint "
+                              f"({'; '.join(changes)}); resume on the same data, or start a new run")
     if dist.is_main:
         n_img = int(dataset.has_image.sum())
         log.info("data: %d samples (%d with images), template %s", len(dataset), n_img, template.name)
         if cfg.tune == "projector" and n_img < len(dataset):
             log.warning("stage 1 trains only the projector: the %d text-only samples cost time and teach it "
                         "nothing", len(dataset) - n_img)
+    return dataset, data_fp
 
-    # ---- what trains ----------------------------------------------------------------------------
-    lora = cfg.tune == "lora"
-    if lora and base_folder is None and dist.is_main:  # the LoRA folder needs its base on disk
+
+def _lora_base(cfg: TrainConfig, model: Any, processor: Any, base_folder: Path | None, out: Path,
+               dist: DistInfo) -> Path | None:
+    """A LoRA run's final folder points at its base model on disk: save the start model once if it
+    came from no folder (a tiny or assembled model)."""
+    if cfg.tune != "lora" or base_folder is not None:
+        return base_folder
+    base_folder = (out / "base").resolve()
+    if dist.is_main and not (base_folder / "config.json").is_file():
         from bunny.model.layouts.ours import save_model
 
-        base_folder = (out / "base").resolve()
-        if not (base_folder / "config.json").is_file():
-            save_model(model, processor, base_folder)
-    elif lora and base_folder is None:
-        base_folder = (out / "base").resolve()
+        save_model(model, processor, base_folder)
+    return base_folder
+
+
+def _place_model(cfg: TrainConfig, model: Any, dist: DistInfo) -> torch.dtype | None:
+    """What trains, in which dtype, on which device; returns the autocast dtype."""
+    device = dist.device
     configure_trainable(model, cfg)
     if cfg.base_dtype != "float32":  # frozen weights in half precision, trained ones float32
         model.to(getattr(torch, cfg.base_dtype))
@@ -196,24 +296,38 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
                                                         for k, v in summary.items()))
     if cfg.packing:
         check_packing(model, device)
-    autocast_dtype = _autocast_dtype(cfg, device)
+    return _autocast_dtype(cfg, device)
 
-    # ---- stage-1 feature cache ----------------------------------------------------------------
-    if cfg.feature_cache is not None:
-        from bunny.train.feature_cache import FeatureCache, fingerprint
 
-        preprocessing = {**processor.image_processor.to_dict(), "mode": dataset.image_mode}
-        fp, covers = fingerprint(model.vision_tower, preprocessing, autocast_dtype or torch.float32)
-        cache = FeatureCache(cfg.feature_cache, fp, covers)
-        keys = sorted({rel for s in dataset.samples for rel in s.images})
-        n_new = cache.build(keys, dataset.load_pixels, model.vision_tower, batch_size=32, device=device,
+def _attach_feature_cache(cfg: TrainConfig, model: Any, processor: Any, dataset: Any, dist: DistInfo,
+                          autocast_dtype: torch.dtype | None) -> None:
+    """Stage 1 with ``feature_cache``: encode every image once (each process its share), then the
+    dataset serves cached features instead of pixels. Every image is read here, before step 1, so a
+    bad one stops the run with the problem report (nothing trained yet, nothing to save)."""
+    if cfg.feature_cache is None:
+        return
+    from bunny.data.images import ImageError
+    from bunny.train.feature_cache import FeatureCache, fingerprint
+
+    preprocessing = {**processor.image_processor.to_dict(), "mode": dataset.image_mode}
+    fp, covers = fingerprint(model.vision_tower, preprocessing, autocast_dtype or torch.float32)
+    cache = FeatureCache(cfg.feature_cache, fp, covers)
+    keys = sorted({rel for s in dataset.samples for rel in s.images})
+    try:
+        n_new = cache.build(keys, dataset.load_pixels, model.vision_tower, batch_size=32, device=dist.device,
                             autocast_dtype=autocast_dtype, rank=dist.rank, world_size=dist.world_size,
                             barrier=dist.barrier, progress=dist.is_main and cfg.progress_bar)
-        if dist.is_main:
-            log.info("feature cache %s: %d images encoded, %d reused", cache.dir, n_new, len(keys) - n_new)
-        dataset.feature_cache = cache
+    except ImageError as exc:
+        bad = [SampleIssue(s.source, s.index, "image", f"failed to load for the feature cache: {exc}", s.id, s.jsonl)
+               for s in dataset.samples if any(str(dataset.image_path(r)) in str(exc) for r in s.images)]
+        raise DataValidationError(bad or [SampleIssue("(feature cache)", 0, "image", str(exc))], len(dataset)) from None
+    if dist.is_main:
+        log.info("feature cache %s: %d images encoded, %d reused", cache.dir, n_new, len(keys) - n_new)
+    dataset.feature_cache = cache
 
-    # ---- plan and schedule ----------------------------------------------------------------------
+
+def _plan(cfg: TrainConfig, dataset: Any, dist: DistInfo) -> tuple[BatchPlan, int, int, int]:
+    """The batch plan (which samples form each step), total steps and warmup."""
     accum = cfg.grad_accum(dist.world_size)
     plan = BatchPlan(dataset.lengths, dataset.has_image, cfg.per_device_train_batch_size, dist.world_size, accum,
                      seed=cfg.seed, group_by_length=cfg.group_by_length,
@@ -227,108 +341,45 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
                  spe, total_steps, warmup,
                  f", {plan.dropped_per_epoch} samples/epoch beyond the last full global batch" if plan.dropped_per_epoch
                  else "")
+    return plan, total_steps, warmup, accum
 
+
+def _engine(cfg: TrainConfig, model: Any, dataset: Any, dist: DistInfo, autocast_dtype: torch.dtype | None,
+            total_steps: int, warmup: int, accum: int) -> Any:
+    """The loss module (with the blank image row several processes need) inside its engine."""
     blank = "none"
     if dist.world_size > 1:
         sharded = cfg.distributed in ("deepspeed", "fsdp")
         tower = (sharded or cfg.unfreeze_vision_tower) and dataset.feature_cache is None
         blank = "tower" if tower else "projector"
-    loss_module = LossModule(model, cfg.loss_on_supervised_only, autocast_dtype, device, blank_images=blank)
-    engine = build_engine(model, loss_module, cfg, dist, total_steps, warmup, accum)
+    loss_module = LossModule(model, cfg.loss_on_supervised_only, autocast_dtype, dist.device, blank_images=blank)
+    return build_engine(model, loss_module, cfg, dist, total_steps, warmup, accum)
 
-    start_step = 0
-    if resume_from is not None:
-        engine.load(resume_from, dist.rank)
-        if not ckpt_io.load_rng(resume_from, dist.rank):
-            log.warning("resume: no RNG state for rank %d in %s (world size changed?)", dist.rank, resume_from)
-        start_step = int(resume_state["step"])
-        if dist.is_main:
-            log.info("resumed from %s at step %d", resume_from, start_step)
 
-    collator = Collator(pad_token_id=int(processor.tokenizer.pad_token_id), pack=cfg.packing,
-                        pack_length=cfg.model_max_length)
-    batches = _Batches(dataset, plan, collator, cfg, dist.rank, pin=device.type == "cuda")
-    metrics = MetricsWriter(out, resume_step=start_step if resume_from is not None else None,
-                            tensorboard="tensorboard" in cfg.report_to) if dist.is_main else None
-    bar = _progress(cfg, dist.is_main, total_steps, start_step)
+def _resume(engine: Any, resume_from: Path | None, resume_state: dict[str, Any] | None, total_steps: int,
+            dist: DistInfo) -> int:
+    """Load weights, optimizer, schedule and RNG from the checkpoint; the step to start from."""
+    if resume_from is None or resume_state is None:
+        return 0
+    engine.load(resume_from, dist.rank)
+    if not ckpt_io.load_rng(resume_from, dist.rank):
+        log.warning("resume: no RNG state for rank %d in %s (world size changed?)", dist.rank, resume_from)
+    start_step = int(resume_state["step"])
+    if start_step > total_steps:
+        raise ConfigError(f"resume from {resume_from}: the run is planned for {total_steps} steps, fewer than the "
+                          f"{start_step} already taken; raise max_steps / num_train_epochs")
+    if resume_state.get("total_steps", total_steps) != total_steps and dist.is_main:
+        log.info("resume: total steps %s -> %d; the lr schedule is now the one planned for %d steps",
+                 resume_state.get("total_steps"), total_steps, total_steps)
+    resync_lr(engine.scheduler)
+    if dist.is_main:
+        log.info("resumed from %s at step %d", resume_from, start_step)
+    return start_step
 
-    def save(step: int) -> None:
-        state = {"step": step, "epoch": step / spe, "world_size": dist.world_size, "total_steps": total_steps,
-                 "global_batch_size": plan.global_batch_size, "recipe": _recipe_digest(cfg), "engine": engine.kind}
-        ckpt_io.save_checkpoint(out, step, rank=dist.rank, keep=cfg.save_total_limit, state=state,
-                                write_main=lambda tmp: None, write_all=lambda tmp: engine.save(tmp, dist.rank),
-                                barrier=dist.barrier)
 
-    # ---- the loop -------------------------------------------------------------------------------
-    step = start_step
-    window_t, window_cpu, window_samples, window_tokens = time.time(), time.process_time(), 0, 0
-    loss_acc = torch.zeros((), dtype=torch.float64, device=device)
-    logged_steps = 0
-    stopped = False
-    while step < total_steps and not stopped:
-        epoch, in_epoch = divmod(step, spe)
-        global_batches = plan.global_batches(epoch)
-        denominators = [max(1, int(dataset.targets[b].sum())) for b in global_batches]
-        it = iter(batches.loader(epoch, in_epoch))
-        for s in range(in_epoch, spe):
-            if step >= total_steps:
-                break
-            denom = denominators[s]
-            for a in range(accum):
-                batch = next(it)
-                inputs = _to_device(batch, device)
-                with engine.accumulating(last=a == accum - 1):
-                    loss = engine.forward(num_items=denom, **inputs)
-                    engine.backward(loss)
-                loss_acc += loss.detach().double()
-                window_samples += batch["n_samples"]
-                window_tokens += batch["n_tokens"]
-            lrs = engine.lrs()  # the rates this step uses (the scheduler moves them in step())
-            grad_norm = engine.step()
-            step += 1
-            logged_steps += 1
-            if step % cfg.logging_steps == 0 or step == total_steps:
-                loss_sum = dist.all_reduce_sum(loss_acc)  # sum over processes of per-micro-batch shares
-                samples_all = float(dist.all_reduce_sum(window_samples))
-                tokens_all = float(dist.all_reduce_sum(window_tokens))
-                elapsed = max(time.time() - window_t, 1e-9)
-                record = {
-                    "step": step,
-                    "epoch": round(step / spe, 4),
-                    "loss": float(loss_sum) / logged_steps,
-                    "lr": max(lrs.values()),
-                    "grad_norm": float(grad_norm),
-                    "samples_per_s": samples_all / elapsed,
-                    "tokens_per_s": tokens_all / elapsed,
-                    "step_s": elapsed / logged_steps,
-                    "cpu_s": (time.process_time() - window_cpu) / logged_steps,  # this process's CPU time per step
-                    **{f"lr/{k}": v for k, v in lrs.items()},
-                }
-                if metrics is not None:
-                    metrics.log(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                    samples_s=f"{record['samples_per_s']:.1f}", refresh=False)
-                loss_acc.zero_()
-                logged_steps = 0
-                window_t, window_cpu, window_samples, window_tokens = time.time(), time.process_time(), 0, 0
-            if bar is not None:
-                bar.update(1)
-            if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < total_steps:
-                save(step)
-            if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps:
-                stopped = True
-                break
-        del it
-    if bar is not None:
-        bar.close()
-    if metrics is not None:
-        metrics.close()
-    if stopped:
-        log.info("stopped after step %d (stop_after_steps)", step)
-        return None
-
-    # ---- final ----------------------------------------------------------------------------------
+def _finish(cfg: TrainConfig, engine: Any, model: Any, processor: Any, samples: list, base_folder: Path | None,
+            out: Path, dist: DistInfo, total_steps: int, t_start: float) -> Path:
+    """``final/`` (sharded weights gathered into a fresh model first), the projector file, loss.png."""
     final = out / "final"
     gathered = engine.consolidate()
     if gathered is not None and dist.is_main:  # sharded weights: load them into a fresh copy of the model

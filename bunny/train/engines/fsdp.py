@@ -19,8 +19,8 @@ from torch import nn
 
 from bunny.train.config import TrainConfig
 from bunny.train.distributed import DistInfo
-from bunny.train.engine import LossModule, build_optimizer
-from bunny.train.schedule import build_scheduler
+from bunny.train.engines.loss import LossModule
+from bunny.train.engines.step import OptimizerStep, group_lrs
 from bunny.train.stages import llm_of
 
 
@@ -56,9 +56,8 @@ class FSDPEngine:
         for unit in units:
             fully_shard(unit, **kwargs)
         fully_shard(loss_module, **kwargs)
-        self.optimizer = build_optimizer(model, cfg)  # after sharding: its parameters are the DTensors
-        self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler_type, total_steps, warmup)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optim = OptimizerStep(model, cfg, total_steps, warmup)  # after sharding: its parameters are the DTensors
+        self.optimizer, self.scheduler = self.optim.optimizer, self.optim.scheduler
         self.loss_scale = float(dist.world_size)  # FSDP averages gradients over processes
 
     def forward(self, **batch: Any) -> torch.Tensor:
@@ -72,17 +71,10 @@ class FSDPEngine:
         (loss * self.loss_scale).backward()
 
     def step(self) -> torch.Tensor:
-        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return self.optim()
 
     def lrs(self) -> dict[str, float]:
-        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        return group_lrs(self.optimizer)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _state(self):

@@ -18,8 +18,8 @@ from torch import nn
 
 from bunny.train.config import TrainConfig
 from bunny.train.distributed import DistInfo
-from bunny.train.engine import LossModule, build_optimizer
-from bunny.train.schedule import build_scheduler
+from bunny.train.engines.loss import LossModule
+from bunny.train.engines.step import OptimizerStep, group_lrs
 
 TAG = "state"
 
@@ -72,10 +72,10 @@ class DeepSpeedEngine:
         if ds_cfg["bf16"]["enabled"]:
             # DeepSpeed's bf16 mode keeps bf16 weights with fp32 master copies; our autocast is then redundant
             loss_module.autocast_dtype = None
-        optimizer = build_optimizer(model, cfg)
-        scheduler = build_scheduler(optimizer, cfg.lr_scheduler_type, total_steps, warmup)
+        ours = OptimizerStep(model, cfg, total_steps, warmup)  # DeepSpeed runs the step, on our optimizer and schedule
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=loss_module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False)
+            model=loss_module, optimizer=ours.optimizer, lr_scheduler=ours.scheduler, config=ds_cfg,
+            dist_init_required=False)
         self._last = True
 
     def forward(self, **batch: Any) -> torch.Tensor:
@@ -99,7 +99,7 @@ class DeepSpeedEngine:
         return torch.as_tensor(float(norm) if norm is not None else float("nan"))
 
     def lrs(self) -> dict[str, float]:
-        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        return group_lrs(self.optimizer)
 
     def save(self, tmp: Path, rank: int) -> None:
         self.engine.save_checkpoint(str(tmp / "deepspeed"), tag=TAG, save_latest=False,

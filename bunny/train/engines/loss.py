@@ -1,35 +1,19 @@
-"""How one optimizer step is executed: single process, DDP, DeepSpeed ZeRO or FSDP2.
-
-Every engine exposes the same small surface the training loop uses::
-
-    engine.forward(**batch) -> loss          # the loss module, wrapped as the engine needs
-    with engine.accumulating(last): ...      # no gradient sync until the last micro-batch
-    engine.backward(loss)                    # scaled so gradients are those of the global mean loss
-    engine.step() -> grad_norm               # clip, optimizer, scheduler, zero grads
-    engine.save(tmp, rank) / engine.load(ckpt, rank)
-    engine.lrs()                             # current lr of each parameter group
+"""The micro-batch loss every engine wraps: model forward (or projector over cached features) under
+autocast, plus the blank image row that keeps processes in step.
 
 Loss scaling: the loss of a micro-batch is ``sum of its token losses / targets in the whole global
 batch`` (all micro-batches, all processes), so the *sum* of the micro-batch gradients over all
 processes is the gradient of the global mean. DDP, DeepSpeed and FSDP average gradients over
-processes (and DeepSpeed also over accumulation steps), so ``backward`` multiplies by what they
-divide by. This is what makes a 2-process run equal a 1-process run with the same global batch.
+processes (and DeepSpeed also over accumulation steps), so each engine's ``backward`` multiplies by
+what it divides by. This is what makes a 2-process run equal a 1-process run with the same global batch.
 """
 
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-from typing import Any
-
 import torch
 from torch import nn
 
-from bunny.train import checkpointing as ckpt_io
-from bunny.train.config import TrainConfig
-from bunny.train.distributed import DistInfo
-from bunny.train.schedule import build_scheduler
-from bunny.train.stages import param_groups
+from bunny.data.templates import IGNORE_INDEX as IGNORE
 
 
 class LossModule(nn.Module):
@@ -123,103 +107,3 @@ class LossModule(nn.Module):
         dtype = next(m.mm_projector.parameters()).dtype
         feats = torch.zeros(1, m.vision_tower.num_tokens, m.vision_tower.hidden_size, device=dev, dtype=dtype)
         return new_ids, new_labels, attention_mask, position_ids, None, feats
-
-
-IGNORE = -100
-
-
-def trainable_params(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg)
-    kwargs: dict[str, Any] = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
-    if fused:
-        kwargs["fused"] = True
-    return torch.optim.AdamW(groups, **kwargs)
-
-
-class LocalEngine:
-    """One process, or DDP (every process holds the whole model and the whole optimizer state)."""
-
-    kind = "local"
-
-    def __init__(self, model: nn.Module, loss_module: LossModule, cfg: TrainConfig, dist: DistInfo,
-                 total_steps: int, warmup: int) -> None:
-        self.model = model
-        self.cfg = cfg
-        self.dist = dist
-        self.optimizer = build_optimizer(model, cfg, fused=dist.device.type == "cuda")
-        self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler_type, total_steps, warmup)
-        self.params = trainable_params(model)
-        self.ddp = dist.world_size > 1
-        if self.ddp:
-            self.kind = "ddp"
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-            # every trained weight gets a gradient in every micro-batch (text-only ones get a blank image
-            # row, see LossModule), so DDP needs no unused-parameter search
-            self.forward_module: nn.Module = DDP(loss_module, device_ids=device_ids, find_unused_parameters=False)
-        else:
-            self.forward_module = loss_module
-        self.loss_scale = float(dist.world_size)
-
-    def forward(self, **batch: Any) -> torch.Tensor:
-        return self.forward_module(**batch)
-
-    def accumulating(self, last: bool):
-        if self.ddp and not last:
-            return self.forward_module.no_sync()
-        return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        if loss.requires_grad:  # one process, stage 1, text-only micro-batch: nothing trained is involved
-            (loss * self.loss_scale).backward()
-
-    def step(self) -> torch.Tensor:
-        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def lrs(self) -> dict[str, float]:
-        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
-
-    # -- checkpoints ---------------------------------------------------------------------------
-    def save(self, tmp: Path, rank: int) -> None:
-        if rank == 0:
-            ckpt_io.save_trainable(tmp, self.model)
-            ckpt_io.save_optimizer(tmp, self.model, self.optimizer, self.scheduler)
-
-    def load(self, ckpt: Path, rank: int) -> None:
-        ckpt_io.load_trainable(ckpt, self.model)
-        ckpt_io.load_optimizer(ckpt, self.model, self.optimizer, self.scheduler)
-
-    def consolidate(self) -> None:
-        """Nothing to gather: the model holds its full weights on every process (returns None; a
-        sharded engine returns the gathered state dict instead)."""
-
-
-def build_engine(model: nn.Module, loss_module: LossModule, cfg: TrainConfig, dist: DistInfo,
-                 total_steps: int, warmup: int, accum: int):
-    kind = cfg.distributed
-    if kind == "auto":
-        kind = "ddp" if dist.world_size > 1 else "none"
-    if kind in ("none", "ddp"):
-        if kind == "none" and dist.world_size > 1:
-            raise ValueError("distributed: none, but launched with several processes (torchrun)")
-        return LocalEngine(model, loss_module, cfg, dist, total_steps, warmup)
-    if kind == "deepspeed":
-        from bunny.train.engine_deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, loss_module, cfg, dist, total_steps, warmup, accum)
-    if kind == "fsdp":
-        from bunny.train.engine_fsdp import FSDPEngine
-
-        return FSDPEngine(model, loss_module, cfg, dist, total_steps, warmup)
-    raise ValueError(f"unknown distributed mode {kind!r}")
-
