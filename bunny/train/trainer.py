@@ -249,7 +249,7 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
                         pack_length=cfg.model_max_length)
     batches = _Batches(dataset, plan, collator, cfg, dist.rank, pin=device.type == "cuda")
     metrics = MetricsWriter(out, resume_step=start_step if resume_from is not None else None,
-                            tensorboard="tensorboard" in cfg.report_to) if dist.is_main else None
+                            report_to=cfg.report_to, run_config=to_dict(cfg)) if dist.is_main else None
     bar = _progress(cfg, dist.is_main, total_steps, start_step)
 
     def save(step: int) -> None:
