@@ -1,6 +1,7 @@
 """`bunny web` in real headless Chromium (Debian's package) driven by Playwright: attach an image,
 ask, watch the answer stream in, ask a follow-up, attach a second image that continues the
-conversation. Every request the page makes must stay on 127.0.0.1. BUNNY_UPDATE_SCREENSHOTS=1 also writes the screenshot to docs/images/web.png."""
+conversation. Every request the page makes must stay on 127.0.0.1. BUNNY_UPDATE_SCREENSHOTS=1 also
+writes the screenshot to docs/images/web.png."""
 
 from __future__ import annotations
 
