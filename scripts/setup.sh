@@ -21,7 +21,7 @@ stamp=.venv/.bunny-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -
 if [ -f "$stamp" ]; then exit 0; fi
 $VPY -m pip install -q --upgrade pip
 $VPY -m pip install -q "torch==2.13.0"
-$VPY -m pip install -q -e ".[serve,ray,dev]"
+$VPY -m pip install -q -e ".[serve,ray,dev,wandb]"
 # DeepSpeed builds against the installed torch: no build isolation, or pip would fetch another torch.
 $VPY -m pip install -q --no-build-isolation "deepspeed>=0.15" || echo "warning: deepspeed did not install; ZeRO paths will be skipped" >&2
 rm -f .venv/.bunny-setup-*

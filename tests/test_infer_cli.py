@@ -1,6 +1,7 @@
 """`bunny chat` as users run it: an interactive multi-turn session in a real terminal (a pty) with
-`/image` switching images, and the same session fed through a pipe. Both processes start together
-(their start-up is most of the cost) and their transcripts must match the Python ChatSession."""
+`/image` adding a second image mid-conversation, and the same session fed through a pipe. Both
+processes start together (their start-up is most of the cost) and their transcripts must match the
+Python ChatSession."""
 
 from __future__ import annotations
 
@@ -82,10 +83,11 @@ def sessions(tmp_path_factory):
     gen = load_for_inference(str(folder))
     # The expected transcript, from the same conversation in Python.
     chat = ChatSession(gen, params=SamplingParams(max_new_tokens=TOKENS))
-    chat.set_image(load_image(first))
+    chat.add_image(load_image(first))
     answers = [chat.ask("What is in this picture?").text]
-    chat.set_image(load_image(second))
+    chat.add_image(load_image(second))  # a second image continues the conversation
     answers += [chat.ask("Describe it.").text, chat.ask("Anything else?").text]
+    assert len(chat.images) == 2 and len(chat.messages) == 6
     yield {"term": term, "piped": piped, "answers": answers, "first": first, "second": second, "tmp": tmp}
     for proc in (term.proc, piped):
         if proc.poll() is None:
@@ -107,10 +109,10 @@ def test_interactive_session_in_a_terminal(sessions):
     term.close()
     assert term.proc.returncode == 0, (sessions["tmp"] / "tty.err").read_text()[-2000:]
     out = term.buffer.decode().replace("\r\n", "\n")
-    assert out.startswith("Type a question; /image PATH switches images")
+    assert out.startswith("Type a question; /image PATH adds an image")
     # the terminal echoes what was typed; each answer follows an ASSISTANT: prompt and ends the line
     assert f"What is in this picture?\nASSISTANT: {answers[0]}\nUSER: " in out
-    assert f"/image {second}\n(image: {second}; new conversation)\nUSER: " in out
+    assert f"/image {second}\n(image: {second}; the next question sees it)\nUSER: " in out
     assert f"Describe it.\nASSISTANT: {answers[1]}\nUSER: " in out
     assert out.endswith(f"Anything else?\nASSISTANT: {answers[2]}\nUSER: /exit\n")
 
@@ -122,7 +124,7 @@ def test_session_through_a_pipe(sessions):
     out, err = piped.communicate(script.encode(), timeout=180)
     assert piped.returncode == 0, err.decode()[-2000:]
     lines = out.decode()
-    assert lines.startswith(f"{answers[0]}\n(image: {second}; new conversation)\nerror: /no/such/file.png")
+    assert lines.startswith(f"{answers[0]}\n(image: {second}; the next question sees it)\nerror: /no/such/file.png")
     tail = lines[lines.index("error: unknown command"):].split("\n", 2)
     assert tail[0] == "error: unknown command /frobnicate (/image PATH, /reset, /exit)"
     # a question that does not fit the model's context is refused; the conversation goes on

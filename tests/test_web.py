@@ -1,6 +1,7 @@
 """`bunny web` in real headless Chromium (Debian's package) driven by Playwright: attach an image,
-ask, watch the answer stream in, ask a follow-up. Every request the page makes must stay on
-127.0.0.1. BUNNY_UPDATE_SCREENSHOTS=1 also writes the screenshot to docs/images/web.png."""
+ask, watch the answer stream in, ask a follow-up, attach a second image that continues the
+conversation. Every request the page makes must stay on 127.0.0.1. BUNNY_UPDATE_SCREENSHOTS=1 also
+writes the screenshot to docs/images/web.png."""
 
 from __future__ import annotations
 
@@ -57,8 +58,9 @@ def web(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "bunny.cli", "web", "--model", str(folder), "--host", "127.0.0.1",
                              "--port", str(port), "--max-new-tokens", str(MAX_NEW_TOKENS)],
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env=cli_env())
-    image = tmp / "photo.png"
+    image, image2 = tmp / "photo.png", tmp / "photo2.png"
     tiny_images(1, seed=21)[0].save(image)
+    tiny_images(1, seed=22, size=(24, 36))[0].save(image2)
     gen = load_for_inference(str(folder))  # loads while the server starts
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
@@ -74,7 +76,7 @@ def web(tmp_path_factory):
             proc.kill()
             raise RuntimeError(f"bunny web did not come up:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
-    yield {"url": url, "image": image, "gen": gen, "tmp": tmp}
+    yield {"url": url, "image": image, "image2": image2, "gen": gen, "tmp": tmp}
     proc.terminate()
     try:
         proc.wait(timeout=20)
@@ -100,9 +102,11 @@ def test_upload_ask_and_watch_the_answer_stream(web):
     from playwright.sync_api import sync_playwright
 
     session = ChatSession(web["gen"], params=SamplingParams(max_new_tokens=MAX_NEW_TOKENS))
-    session.set_image(load_image(web["image"]))
+    session.add_image(load_image(web["image"]))
     first = session.ask("What is in this picture?").text
     second = session.ask("What colour is it?").text
+    session.add_image(load_image(web["image2"]))  # an upload later in the conversation continues it
+    third = session.ask("And this one?").text
     offsite: list[str] = []
 
     with sync_playwright() as pw:
@@ -139,6 +143,15 @@ def test_upload_ask_and_watch_the_answer_stream(web):
                                    f"({LAST_BOT})().trim().length >= {len(shown(second))}", timeout=60_000)
             page.wait_for_selector("#input textarea:not([disabled])", timeout=60_000)
             assert shown(page.evaluate(LAST_BOT)) == shown(second)  # the follow-up saw the conversation
+
+            page.set_input_files("#input input[type=file]", str(web["image2"]))
+            page.fill("#input textarea", "And this one?")
+            page.click("#input [data-testid=submit-button]")
+            page.wait_for_function(f"() => document.querySelectorAll('#chat [data-testid=\"bot\"]').length == 3 && "
+                                   f"({LAST_BOT})().trim().length >= {len(shown(third))}", timeout=60_000)
+            page.wait_for_selector("#input textarea:not([disabled])", timeout=60_000)
+            assert shown(page.evaluate(LAST_BOT)) == shown(third)  # both images and every turn were in the prompt
+            assert page.locator("#chat [data-testid=user] img").count() == 2  # the first image stays shown
             shot = web["tmp"] / "web.png"
             page.screenshot(path=str(shot), full_page=True)
         finally:

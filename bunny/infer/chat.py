@@ -1,4 +1,5 @@
-"""A multi-turn chat session over one Generator: the state behind ``bunny chat`` and the web page."""
+"""A multi-turn, multi-image chat session over one Generator: the state behind ``bunny chat`` and
+the web page."""
 
 from __future__ import annotations
 
@@ -18,32 +19,36 @@ from bunny.infer.generate import (
 
 @dataclass
 class ChatSession:
-    """Keeps the conversation; the image (if any) is attached to the first user turn after it is set.
+    """Keeps the conversation and its images; images added are attached to the next user turn.
 
-    Setting a new image starts a new conversation: the models are trained with one image per
-    conversation, and earlier answers about another image would only mislead the next ones.
+    A conversation may hold several images (Bunny trains on several per conversation): adding one
+    mid-conversation continues it, with every earlier turn and image still in the prompt, as the
+    OpenAI API does with a longer ``messages`` list. ``reset`` (or ``set_image``) starts over.
     """
 
     generator: Generator
     params: SamplingParams = field(default_factory=SamplingParams)
     messages: list[dict[str, str]] = field(default_factory=list)
     images: list[Image.Image] = field(default_factory=list)
-    _pending_image: Image.Image | None = None
+    pending_images: list[Image.Image] = field(default_factory=list)
+
+    def add_image(self, image: Image.Image) -> None:
+        """Attach ``image`` to the next question (the conversation goes on)."""
+        self.pending_images.append(image)
 
     def set_image(self, image: Image.Image) -> None:
+        """Start a new conversation about ``image``."""
         self.reset()
-        self._pending_image = image
+        self.add_image(image)
 
     def reset(self) -> None:
-        self.messages, self.images, self._pending_image = [], [], None
+        self.messages, self.images, self.pending_images = [], [], []
 
     def _request(self, text: str) -> GenerationRequest:
-        content, images = text, list(self.images)
-        if self._pending_image is not None:
-            content = f"{IMAGE_PLACEHOLDER}\n{text}"
-            images.append(self._pending_image)
+        # one placeholder per new image, on its own line before the question (the training data's layout)
+        content = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in self.pending_images) + text
         messages = [*self.messages, {"role": "user", "content": content}]
-        return GenerationRequest(messages=messages, images=images, params=self.params)
+        return GenerationRequest(messages=messages, images=[*self.images, *self.pending_images], params=self.params)
 
     def validate_next(self, text: str) -> int:
         """Check that asking ``text`` next fits the model (ValueError if the conversation outgrew
@@ -58,5 +63,5 @@ class ChatSession:
         result = self.generator.generate([request], on_text=callback)[0]
         self.messages = [*request.messages, {"role": "assistant", "content": result.text}]
         self.images = request.images
-        self._pending_image = None
+        self.pending_images = []
         return result

@@ -1,12 +1,15 @@
-"""Chat with a model about an image, streaming the answer.
+"""Chat with a model about one or several images, streaming the answer.
 
 Examples:
     bunny chat --model runs/demo/final --image scene.png --prompt "How many objects are there?"
+    bunny chat --model runs/demo/final --image a.png --image b.png --prompt "What differs?"
     bunny chat --model runs/demo/final --image scene.png        # interactive, multi-turn
-    printf 'What colour is it?\\n/image other.png\\nAnd now?\\n' | bunny chat --model runs/demo/final
+    printf 'What colour is it?\\n/image other.png\\nAnd this one?\\n' | bunny chat --model runs/demo/final
+    bunny chat --model BUNNY_RELEASE --template bunny-llama3    # prompt with another chat template
 
-Interactive commands: /image PATH (switch to another image; starts a new conversation),
-/reset (forget the conversation), /exit. Decoding is greedy unless --temperature > 0.
+Interactive commands: /image PATH (add an image to the conversation: the next question sees it and
+everything before it), /reset (forget the conversation and its images), /exit. Decoding is greedy
+unless --temperature > 0.
 On a terminal the session shows "USER:" / "ASSISTANT:" prompts; from a pipe it prints one
 answer per input line, so scripts can read the replies line by line.
 """
@@ -19,7 +22,8 @@ import sys
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder (any layout bunny.load_model reads)")
-    p.add_argument("--image", default=None, help="image file to talk about")
+    p.add_argument("--image", action="append", default=[],
+                   help="image file to talk about (repeat for several: --image a.png --image b.png)")
     p.add_argument("--prompt", default=None, help="one question; without it, an interactive session")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -30,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
                    help="int8: dynamic int8 on CPU, bitsandbytes 8-bit on CUDA; int4: bitsandbytes NF4 (CUDA)")
+    p.add_argument("--template", default=None, help="chat template name (default: the model's)")
     p.add_argument("--trust-remote-code", action="store_true")
 
 
@@ -42,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from bunny.data.images import ImageError, load_image
     from bunny.infer.chat import ChatSession
     from bunny.infer.generate import SamplingParams
-    from bunny.infer.loading import load_from_args
+    from bunny.infer.loading import check_template, load_from_args
 
     try:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -50,20 +55,20 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    image = None
-    if args.image:  # check the image before the (slow) model load
-        try:
-            image = load_image(args.image)
-        except ImageError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    images = []
+    try:  # check the images and the template before the (slow) model load
+        images = [load_image(path) for path in args.image]
+        check_template(args.template)
+    except (ImageError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a loading bar has no place in a chat transcript
     generator = load_from_args(args)
     session = ChatSession(generator, params=params)
-    if image is not None:
-        session.set_image(image)
+    for image in images:
+        session.add_image(image)
 
     if args.prompt is not None:
         try:
@@ -76,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     tty = sys.stdin.isatty()
     if tty:
-        print("Type a question; /image PATH switches images, /reset forgets, /exit quits.", flush=True)
+        print("Type a question; /image PATH adds an image, /reset forgets, /exit quits.", flush=True)
     try:
         while True:
             if tty:
@@ -99,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
                     print("error: /image needs a path", flush=True)
                     continue
                 try:
-                    session.set_image(load_image(path))
-                    print(f"(image: {path}; new conversation)", flush=True)
+                    session.add_image(load_image(path))
+                    print(f"(image: {path}; the next question sees it)", flush=True)
                 except ImageError as exc:
                     print(f"error: {exc}", flush=True)
                 continue

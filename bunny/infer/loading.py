@@ -76,11 +76,38 @@ def quantize_bnb(model: Any, bits: int, device: str | torch.device = "cuda",
     return model.to(device)
 
 
+def generator_for(model: Any, processor: Any, template: str | None = None, model_id: str = "bunny") -> Generator:
+    """A :class:`Generator` prompting with the model's own chat template, or with ``template`` (a
+    registered name) and its stop strings instead, as ``bunny eval --template`` does."""
+    if template is None:
+        return Generator(model, processor, model_id=model_id)
+    from bunny.data.templates import get_template
+    from bunny.infer.generate import template_renderer
+
+    t = get_template(template)
+    return Generator(model, processor, render=template_renderer(t), model_id=model_id, stop=t.stop_strings)
+
+
+def check_template(name: str | None) -> None:
+    """A ``--template`` name must be registered (ValueError naming the known ones), checked before
+    the slow model load."""
+    if name is not None:
+        from bunny.data.templates import get_template
+
+        try:
+            get_template(name)
+        except KeyError as exc:
+            raise ValueError(f"--template: {exc}") from None
+
+
 def load_for_inference(path: str, dtype: str | None = None, device: str | None = None, quantize: str = "none",
-                       trust_remote_code: bool = False, model_id: str = "bunny") -> Generator:
-    """``bunny.load_model`` + quantisation -> a :class:`Generator` (the model in eval mode)."""
+                       trust_remote_code: bool = False, model_id: str = "bunny", template: str | None = None
+                       ) -> Generator:
+    """``bunny.load_model`` + quantisation -> a :class:`Generator` (the model in eval mode);
+    ``template`` overrides the chat template the model folder names."""
     from bunny.model.loading import load_model
 
+    check_template(template)
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
     if device is None:
@@ -99,19 +126,21 @@ def load_for_inference(path: str, dtype: str | None = None, device: str | None =
         if quantize == "int8":
             model = quantize_int8_dynamic(model)
     model.eval()
-    return Generator(model, processor, model_id=model_id)
+    return generator_for(model, processor, template, model_id=model_id)
 
 
 def load_from_args(args: Any, model_id: str | None = None) -> Generator:
-    """The CLI verbs' loader (``--model --dtype --device --quantize --trust-remote-code``): a bad
-    folder or option is one ``error:`` line and exit status 2, not a traceback."""
+    """The CLI verbs' loader (``--model --dtype --device --quantize --trust-remote-code``, and
+    ``--template`` where the verb has it): a bad folder or option is one ``error:`` line and exit
+    status 2, not a traceback."""
     import sys
     from pathlib import Path
 
     try:
         return load_for_inference(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
                                   trust_remote_code=args.trust_remote_code,
-                                  model_id=model_id or Path(args.model).resolve().name)
+                                  model_id=model_id or Path(args.model).resolve().name,
+                                  template=getattr(args, "template", None))
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc

@@ -42,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="int8: dynamic int8 on CPU, bitsandbytes 8-bit on CUDA; int4: bitsandbytes NF4 (CUDA)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy small CPU)")
+    p.add_argument("--template", default=None, help="chat template name (default: the model's)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 

@@ -2,7 +2,9 @@
 
 Example:
     bunny web --model runs/demo/final --port 7860
-    # then open http://127.0.0.1:7860, attach an image and ask about it
+    # then open http://127.0.0.1:7860, attach an image and ask about it; images attached to later
+    # messages join the conversation
+    bunny web --model BUNNY_RELEASE --template bunny-llama3   # prompt with another chat template
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
                    help="int8: dynamic int8 on CPU, bitsandbytes 8-bit on CUDA; int4: bitsandbytes NF4 (CUDA)")
+    p.add_argument("--template", default=None, help="chat template name (default: the model's)")
     p.add_argument("--trust-remote-code", action="store_true")
 
 

@@ -1,4 +1,7 @@
-"""A Gradio chat page: upload an image, ask, watch the answer stream in.
+"""A Gradio chat page: upload images, ask, watch the answer stream in.
+
+Uploads continue the conversation: an image attached to a later message joins the earlier ones and
+the next answer sees them all, with the whole conversation ("New conversation" starts over).
 
 The page keeps one :class:`bunny.infer.chat.ChatSession` per browser session (``gr.State``), so
 the conversation logic is the same code ``bunny chat`` uses. Generation runs in a worker thread
@@ -39,12 +42,13 @@ def build_page(generator: Generator, params: SamplingParams | None = None, max_i
         for f in files:
             path = f if isinstance(f, str) else f.get("path")
             try:
-                session.set_image(load_image(path, max_pixels=max_image_pixels))
+                image = load_image(path, max_pixels=max_image_pixels)
             except ImageError as exc:
                 history.append({"role": "assistant", "content": f"Could not use that image: {exc}"})
                 yield gr.MultimodalTextbox(value=None), history, session
                 return
-            history = [{"role": "user", "content": {"path": path}}]  # a new image starts a new conversation
+            session.add_image(image)  # the conversation goes on; the next question sees this image too
+            history.append({"role": "user", "content": {"path": path}})
         if not text:
             yield gr.MultimodalTextbox(value=None), history, session
             return
@@ -77,12 +81,12 @@ def build_page(generator: Generator, params: SamplingParams | None = None, max_i
         return [], None
 
     with gr.Blocks(title=TITLE) as page:
-        gr.Markdown(f"## {TITLE} · {generator.model_id}\nAttach an image with the paperclip, then ask about it. "
-                    "A new image starts a new conversation.")
+        gr.Markdown(f"## {TITLE} · {generator.model_id}\nAttach images with the paperclip, then ask about them. "
+                    "Images attached later join the conversation.")
         chatbot = gr.Chatbot(height=480, elem_id="chat", label=generator.model_id, render_markdown=False,
                              sanitize_html=True)
-        box = gr.MultimodalTextbox(file_types=["image"], file_count="single", elem_id="input", show_label=False,
-                                   placeholder="Ask about the image…", sources=["upload"])
+        box = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", elem_id="input", show_label=False,
+                                   placeholder="Ask about the images…", sources=["upload"])
         reset = gr.Button("New conversation", elem_id="reset")
         state = gr.State(None)
         box.submit(respond, [box, chatbot, state], [box, chatbot, state])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from bunny.config import ConfigError, load_config, to_dict
+from bunny.train.metrics import check_report_to
 
 __all__ = ["LoraSection", "TinyBackbones", "TrainConfig", "load_train_config", "ConfigError", "to_dict"]
 
@@ -200,7 +201,8 @@ class TrainConfig:
     resume: bool | Literal["auto"] | Path = False
     """true/auto = resume from the newest checkpoint in output_dir (auto: if one exists); or a path."""
     report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
-    """jsonl is always written; tensorboard when the package is installed."""
+    """jsonl is always written; tensorboard when the package is installed; wandb (Weights & Biases, the
+    run config and the JSONL's metrics; WANDB_MODE=offline writes output_dir/wandb); none."""
     progress_bar: bool = True
     save_merged: bool = False
     """LoRA runs: also write final_merged/ (the LoRA merged into the base)."""
@@ -238,6 +240,7 @@ class TrainConfig:
             raise ValueError("save_total_limit must be at least 1")
         if isinstance(self.data_path, Path):
             self.data_path = [self.data_path]
+        check_report_to(self.report_to)
 
     # -------------------------------------------------------------------------------------------
     def grad_accum(self, world_size: int) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from bunny.config import to_dict
 from bunny.train.config import TrainConfig
 from bunny.train.distributed import DistInfo
 from bunny.train.metrics import MetricsWriter
@@ -34,8 +35,8 @@ class StepWindow:
     def __init__(self, cfg: TrainConfig, dist: DistInfo, out: Path, steps_per_epoch: int, total_steps: int,
                  start_step: int, resumed: bool) -> None:
         self.cfg, self.dist, self.spe, self.total_steps = cfg, dist, steps_per_epoch, total_steps
-        self.metrics = MetricsWriter(out, resume_step=start_step if resumed else None,
-                                     tensorboard="tensorboard" in cfg.report_to) if dist.is_main else None
+        self.metrics = MetricsWriter(out, resume_step=start_step if resumed else None, report_to=cfg.report_to,
+                                     run_config=to_dict(cfg)) if dist.is_main else None
         self.bar = _progress(cfg, dist.is_main, total_steps, start_step)
         self.loss = torch.zeros((), dtype=torch.float64, device=dist.device)
         self._reset()
