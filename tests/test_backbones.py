@@ -232,8 +232,8 @@ def test_lookup_loss_is_low_when_attention_is_on_the_targets():
 def test_shipped_backbones_are_intact_and_still_made_by_the_command():
     """`bunny backbones --check`: the shipped files match their manifest, the tokenizer retrains to the
     same vocabulary and the first steps of each model's training reproduce the shipped fingerprints."""
-    from bunny.backbones.cli import settings_from
-    from bunny.backbones.ship import SHIPPED_DIR, check_shipped
+    from bunny.backbones.cli import check_shipped, settings_from
+    from bunny.backbones.ship import SHIPPED_DIR
 
     settings = settings_from([])
     assert (SHIPPED_DIR / settings.key() / "backbones.json").is_file(), "the demo's default set is shipped"

@@ -28,11 +28,17 @@ def read_tensors(file: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of one file: ``.safetensors`` with safetensors, anything else with
     ``torch.load(weights_only=True)`` (no pickled code runs)."""
     file = Path(file)
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(file))
-    return torch.load(file, map_location="cpu", weights_only=True)
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # a refused pickle, a truncated or foreign file: say which one
+        raise ValueError(f"{file}: cannot read its weights ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                         "only safetensors and plain-tensor torch files load (weights_only=True)") from None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
