@@ -165,7 +165,9 @@ def write_report(out: Path, cfg, world, bb, funnel: dict, defects: dict, results
     if "bootstrap" in summary:
         b = summary["bootstrap"]
         lines += [f"Coreset minus raw pool: **{b['difference']:+.3f}** mean normalised gain, 95% interval "
-                  f"[{b['ci95'][0]:+.3f}, {b['ci95'][1]:+.3f}] over questions ({b['method']}, {b['rounds']} rounds).", ""]
+                  f"[{b['ci95'][0]:+.3f}, {b['ci95'][1]:+.3f}] over questions ({b['method']}, {b['rounds']} rounds). "
+                  "It does not include the run-to-run spread of training: stage 1's outcome alone moves with "
+                  "its seed by more than this (docs/demo.md).", ""]
     if "ladder" in summary:
         from bunny.demo_probes import ladder_lines
 

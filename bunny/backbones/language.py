@@ -30,6 +30,7 @@ import torch
 
 from bunny.data.synthetic.instruct import IMAGE, conversation, pick_weighted, text_conversation
 from bunny.data.synthetic.scenes import Scene, caption, position_name, sample_scene
+from bunny.data.templates import IGNORE_INDEX
 
 # Single-turn kinds of image conversation and their weights (the rest is multi-turn, `multi_share`).
 # Multiple choice is weighted up: with 7.5% of the conversations the LM (ideal slots) picked the right
@@ -100,12 +101,12 @@ def lm_example(rng: np.random.Generator, s: LMSettings) -> tuple[list[tuple[str,
 
 
 def encode_pieces(tok, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
-    """input ids and labels (-100 where no loss), built piece by piece (``<image>`` stays one id)."""
+    """input ids and labels (IGNORE_INDEX where no loss), built piece by piece (``<image>`` stays one id)."""
     ids, labels = [], []
     for text, loss in pieces:
         t = tok(text, add_special_tokens=False)["input_ids"]
         ids += t
-        labels += t if loss else [-100] * len(t)
+        labels += t if loss else [IGNORE_INDEX] * len(t)
     return ids, labels
 
 
@@ -131,7 +132,7 @@ class SlotCoder:
         for i, lab in zip(ids, labels):
             if i == self.image_id:
                 out_ids += [i] * n
-                out_labels += [-100] * n
+                out_labels += [IGNORE_INDEX] * n
             else:
                 out_ids.append(i)
                 out_labels.append(lab)
@@ -189,11 +190,11 @@ class SlotCoder:
         out: list[tuple[int, int, int, list[int]]] = []
         seg, i, n = first + len(cells), 0, len(ids)
         while i < n:
-            if labels[i] == -100 or (i and labels[i - 1] != -100):
+            if labels[i] == IGNORE_INDEX or (i and labels[i - 1] != IGNORE_INDEX):
                 i += 1
                 continue
             j = i
-            while j < n and labels[j] != -100:
+            while j < n and labels[j] != IGNORE_INDEX:
                 j += 1
             opts = self.options(ids, seg, i)
             question_end = min((lp for lp, _ in opts.values()), default=i)
@@ -219,7 +220,7 @@ class SlotCoder:
         pad = self.tok.pad_token_id
         width = max(len(r[0]) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        lab = torch.full((len(rows), width), -100, dtype=torch.long)
+        lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         att = torch.zeros((len(rows), width), dtype=torch.long)
         slot_rows = []
         for i, (a, b, slots) in enumerate(rows):
@@ -341,7 +342,7 @@ def probe(model, coder: SlotCoder, rng: np.random.Generator, n: int = 300) -> di
         ids, att, lab, slots = coder.collate([coder.encode(render_bunny(conv), scene)])
         logits = model(inputs_embeds=coder.embed(model, ids, slots), attention_mask=att).logits[0, :-1]
         tgt = lab[0, 1:]
-        m = tgt != -100
+        m = tgt != IGNORE_INDEX
         right[fam].append(int((logits[m].argmax(-1) == tgt[m]).all()))
     model.train()
     acc = {f: float(np.mean(v)) for f, v in right.items() if v}
