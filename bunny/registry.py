@@ -60,3 +60,15 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def import_parts(package: str, path, skip: frozenset[str] | set[str] = frozenset({"base"})) -> list[str]:
+    """Import every module of ``package`` (its ``__path__``) but ``skip``: the parts register
+    themselves on import, so adding one is adding its file. Returns the imported names."""
+    import importlib
+    import pkgutil
+
+    names = [m.name for m in pkgutil.iter_modules(path) if m.name not in skip and not m.name.startswith("_")]
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names

@@ -8,9 +8,6 @@ adding its file. See ``base.py`` for the contract.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 from bunny.data.templates.base import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
@@ -24,10 +21,9 @@ from bunny.data.templates.base import (
     tokenize_text,
     tokenizer_facts,
 )
+from bunny.registry import import_parts
 
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "base":
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_parts(__name__, __path__)
 
 __all__ = [
     "IGNORE_INDEX",

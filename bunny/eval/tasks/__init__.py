@@ -8,9 +8,6 @@ Every module of this package except ``base`` is imported on first use of ``bunny
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 from bunny.eval.tasks.base import (
     IMAGE,
     MULTIPLE_CHOICE,
@@ -31,10 +28,9 @@ from bunny.eval.tasks.base import (
     read_json,
     read_json_object,
 )
+from bunny.registry import import_parts
 
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "base":
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_parts(__name__, __path__)
 
 #: the registered tasks in the order of the Bunny table (RECIPE.md); ``all`` runs them in this order
 PAPER_ORDER = paper_order()

@@ -7,14 +7,10 @@ is a new file. ``bunny.model.loading.load_model`` detects and dispatches.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 from bunny.model.layouts.base import LAYOUTS, Layout, detect_layout, load_detected
+from bunny.registry import import_parts
 
 _NOT_LAYOUTS = {"base", "weights"}
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name not in _NOT_LAYOUTS:
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_parts(__name__, __path__, _NOT_LAYOUTS)
 
 __all__ = ["LAYOUTS", "Layout", "detect_layout", "load_detected"]

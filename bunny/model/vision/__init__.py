@@ -9,8 +9,6 @@ statistics and the tiny test configs all go through the class.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from pathlib import Path
 
 from torch import nn
@@ -26,11 +24,10 @@ from bunny.model.vision.base import (
     resolve_feature_layer,
 )
 from bunny.model.vision.s2 import S2Wrapper
+from bunny.registry import import_parts
 
 _NOT_ENCODERS = {"base", "s2"}
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name not in _NOT_ENCODERS:
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_parts(__name__, __path__, _NOT_ENCODERS)
 
 
 def build_vision_encoder(
