@@ -229,6 +229,21 @@ def test_lookup_loss_is_low_when_attention_is_on_the_targets():
     assert lookup_loss((att, att), [[]]) is None
 
 
+def test_balanced_lookup_loss_weighs_each_hop_kind_the_same():
+    """Three easy hops on target and one missed: the plain mean hides the miss behind the many easy
+    terms, the balanced mean gives the missed kind half the weight."""
+    import math
+
+    from bunny.backbones.language import lookup_loss
+
+    att = torch.full((1, 2, 6, 6), 1 / 6)
+    att[0, 0, 1:4] = torch.tensor([1.0, 0, 0, 0, 0, 0])
+    targets = [[(0, 0, 1, [0]), (0, 0, 2, [0]), (0, 0, 3, [0]), (0, 1, 5, [4])]]
+    missed = -math.log(1 / 6 + 1e-6)
+    assert float(lookup_loss((att,), targets)) == pytest.approx(missed / 4, rel=1e-4)
+    assert float(lookup_loss((att,), targets, balance=True)) == pytest.approx(missed / 2, rel=1e-4)
+
+
 def test_shipped_backbones_are_intact_and_still_made_by_the_command():
     """`bunny backbones --check`: the shipped files match their manifest, the tokenizer retrains to the
     same vocabulary and the first steps of each model's training reproduce the shipped fingerprints."""

@@ -59,6 +59,7 @@ class LMSettings:
     multi_share: float = 0.7  # image conversations with several question/answer turns
     probe_questions: int = 300  # held-out questions of the final probe
     lookup_aux: float = 1.0  # weight of the lookup-supervision loss (0: off), see lookup_loss
+    lookup_balance: bool = True  # each hop kind weighs the same in lookup_loss (multiple choice 0.42 -> 0.56)
     seed: int = 0
 
 
@@ -260,7 +261,7 @@ def batches(coder: SlotCoder, rng: np.random.Generator, s: LMSettings, n_batches
         yield (*coder.collate(rows), targets)
 
 
-def lookup_loss(attentions, targets) -> torch.Tensor | None:
+def lookup_loss(attentions, targets, balance: bool = False) -> torch.Tensor | None:
     """Supervise the hops of a question about the image (the demo's measured wall: a from-scratch LM
     does not find question-dependent lookup in the image slots by itself within a CPU's steps; with
     only the answer position supervised to attend to the right slot it still plateaus near 0.6,
@@ -272,10 +273,21 @@ def lookup_loss(attentions, targets) -> torch.Tensor | None:
     left what the slots hold. Last layer, multiple choice: that position attends to the right option's
     last word, where its letter was left. ``-log`` of the attention mass on the targets
     (``SlotCoder.lookup_targets``), averaged. The reply itself is never a target: this teaches where to
-    look, not what to answer."""
-    terms = [-torch.log(attentions[layer][b, head, q, keys].sum() + 1e-6)
-             for b, rows in enumerate(targets) for layer, head, q, keys in rows]
-    return torch.stack(terms).mean() if terms else None
+    look, not what to answer.
+
+    ``balance``: average each hop kind (layer, head) first, then the kinds. A plain mean is dominated by
+    the many easy fact-word hops (several per question, learned at once), while the one that decides a
+    multiple-choice answer (the reply -> the right option) occurs once per such question; measured on
+    held-out multiple choice with ideal slots: right letter 0.42 -> 0.56, that hop's attention mass
+    0.60 -> 0.67 (docs/demo.md)."""
+    groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for b, rows in enumerate(targets):
+        for layer, head, q, keys in rows:
+            term = -torch.log(attentions[layer][b, head, q, keys].sum() + 1e-6)
+            groups.setdefault((layer, head) if balance else (0, 0), []).append(term)
+    if not groups:
+        return None
+    return torch.stack([torch.stack(terms).mean() for terms in groups.values()]).mean()
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -377,7 +389,7 @@ def train_language(tok, out_dir: str | Path | None, s: LMSettings, side: int = 3
             out = model(inputs_embeds=coder.embed(model, ids, slots), attention_mask=att, labels=lab,
                         output_attentions=bool(s.lookup_aux))
         loss = out.loss
-        aux = lookup_loss(out.attentions, targets) if s.lookup_aux else None
+        aux = lookup_loss(out.attentions, targets, s.lookup_balance) if s.lookup_aux else None
         if aux is not None:
             (loss + s.lookup_aux * aux).backward()
         else:
