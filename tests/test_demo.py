@@ -75,22 +75,24 @@ def _gains(summary: dict, arm: str) -> dict[str, float]:
 
 def test_quick_demo_learns(quick_demo):
     """What the quick demo reaches today (docs/demo.md has the figures): the short-answer and yes/no
-    benchmarks far above chance, the mean clearly above it, and the recipe's phases (all but the
-    backbones) within 8 minutes."""
+    benchmarks far above chance, the mean clearly above it, the coreset arm clearly above the raw
+    pool's (the data-centric result: the raw pool's mismatched captions make its stage 1 describe
+    other scenes), and the recipe's phases (all but the backbones) within 8 minutes."""
     out, proc, _ = quick_demo
     summary = json.loads((out / "summary.json").read_text())
     gains = _gains(summary, "coreset")
-    for task in ("gqa", "vqav2"):
+    for task in ("gqa", "vqav2", "pope"):
         assert gains[task] >= 0.4, (task, gains)
-    assert gains["pope"] >= 0.15 and gains["mme"] > 0, gains
-    assert sum(gains.values()) / len(gains) >= 0.12, gains
+    assert gains["mme"] > 0, gains
+    assert sum(gains.values()) / len(gains) >= 0.2, gains
+    assert summary["gain"]["coreset"]["mean"] >= summary["gain"]["raw_pool"]["mean"] + 0.1, summary["gain"]
+    assert summary["bootstrap"]["ci95"][0] > 0, summary["bootstrap"]
     recipe = sum(v for k, v in summary["seconds"].items() if k not in ("backbones", "total"))
     assert recipe <= 8 * 60 * SLOWDOWN, summary["seconds"]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 10's --quick targets are not all reached: the multiple-choice "
-                   "benchmarks (SEED, MMBench, SQA, MMMU) stay near chance, and stage 1's outcome varies with the "
-                   "seed as much as with the data; docs/demo.md has the figures")
+@pytest.mark.xfail(strict=False, reason="issue 10's --quick targets are not all reached: the mean is 0.28 "
+                   "(target 0.3) and multiple choice (SEED, MMBench, SQA) sits at chance; docs/demo.md has the figures")
 def test_quick_demo_reaches_the_issues_targets(quick_demo):
     """The issue's `--quick` targets: mean normalised gain >= 0.3, every task above chance, the coreset
     arm at least the raw pool's."""
@@ -104,17 +106,18 @@ def test_quick_demo_reaches_the_issues_targets(quick_demo):
 
 
 def test_quick_demo_probe_ladder(quick_demo):
-    """Every rung of the ladder was measured and is above its chance level: the vision features carry
-    the facts, the LM answers from ideal slots, stage 1 grounds (held-out captions name the right
-    colour+shape pairs far above the 1/24 of guessing), and the interval of the arms' difference is there."""
+    """Every rung of the ladder was measured: the vision features carry the facts, the LM answers from
+    ideal slots, stage 1 on the coreset grounds (held-out captions name the right colour+shape pairs
+    far above the 1/24 of guessing, and better than the raw pool's stage 1), and the interval of the
+    arms' difference is there."""
     out, proc, _ = quick_demo
     summary = json.loads((out / "summary.json").read_text())
     ladder = summary["ladder"]
     assert ladder["a_vision_facts"]["color"] > 0.9 and ladder["a_vision_facts"]["shape"] > 0.7
     assert ladder["c_lm_ideal_input"]["mean"] > 0.6
-    for arm in ("coreset", "raw_pool"):
-        assert ladder["d_stage1_captions"][arm]["color_shape"] > 0.1, ladder["d_stage1_captions"]
-        assert ladder["d_stage1_captions"][arm]["background"] > 0.5
+    captions = ladder["d_stage1_captions"]
+    assert captions["coreset"]["color_shape"] > 0.3 and captions["coreset"]["background"] > 0.5, captions
+    assert captions["coreset"]["color_shape"] > captions["raw_pool"]["color_shape"], captions
     b = summary["bootstrap"]
     assert b["ci95"][0] <= b["difference"] <= b["ci95"][1]
     report = (out / "report.md").read_text()

@@ -1,0 +1,72 @@
+"""Where a demo LM's multiple-choice answers go wrong: each supervised hop's attention mass, and the
+right letter, on held-out multiple-choice questions with ideal image slots.
+
+The hops are the ones ``lookup_loss`` trains (``SlotCoder.lookup_targets``): a fact word -> the slots
+with that fact (layer 0 head 0), an option's last word -> its letter (layer 0 head 1), the reply
+position -> the question's fact words (layer 1 head 0), the reply position -> the right option's last
+word (last layer head 0). A hop near 1.0 is learned; the one well below it is where the answer is
+lost. Also printed: the letters the LM answers (a single letter for everything means it guesses).
+
+    .venv/bin/python scripts/lm_mc_hops.py bunny/backbones/shipped/*/lm [--questions 200]
+
+docs/demo.md ("Balancing the hops") records the figures it printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter, defaultdict
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bunny.backbones.language import SlotCoder, render_bunny
+from bunny.data.synthetic.instruct import conversation
+from bunny.data.synthetic.scenes import sample_scene
+
+HOPS = {(0, 0): "fact word -> its slots", (0, 1): "option -> its letter", (1, 0): "reply -> question words",
+        (-1, 0): "reply -> right option"}
+
+
+@torch.no_grad()
+def measure(lm_dir: str, questions: int, seed: int, side: int = 3) -> dict:
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    model = AutoModelForCausalLM.from_pretrained(lm_dir, attn_implementation="eager").eval()
+    coder = SlotCoder(tok, side)
+    rng = np.random.default_rng(seed)
+    mass: dict[tuple[int, int], list[float]] = defaultdict(list)
+    right, letters = [], Counter()
+    for _ in range(questions):
+        scene = sample_scene(rng)
+        conv = conversation("mc", scene, rng)[:2]
+        ids, labels, slots = coder.encode(render_bunny(conv), scene)
+        targets = coder.lookup_targets(ids, labels, scene)
+        input_ids, attention, label_ids, slot_ids = coder.collate([(ids, labels, slots)])
+        out = model(inputs_embeds=coder.embed(model, input_ids, slot_ids), attention_mask=attention,
+                    output_attentions=True)
+        for layer, head, query, keys in targets:
+            mass[(layer, head)].append(float(out.attentions[layer][0, head, query, keys].sum()))
+        wanted = label_ids[0, 1:]
+        keep = wanted != -100
+        predicted = out.logits[0, :-1][keep].argmax(-1)
+        right.append(bool((predicted == wanted[keep]).all()))
+        letters[tok.decode(predicted[:1]).strip()] += 1
+    return {"right_letter": round(float(np.mean(right)), 3),
+            "hop_mass": {HOPS[k]: round(float(np.mean(v)), 3) for k, v in mass.items()},
+            "answered": dict(letters.most_common())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("lm", help="an LM folder made by bunny backbones (its lm/ subfolder)")
+    p.add_argument("--questions", type=int, default=200)
+    p.add_argument("--seed", type=int, default=123)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    print(json.dumps(measure(a.lm, a.questions, a.seed), indent=1))
+
+
+if __name__ == "__main__":
+    main()
