@@ -91,9 +91,9 @@ class DemoConfig:
         vision=VisionSettings(aux_weight=3.0), lm=LMSettings(steps=2500, multi_share=0.5)))
     curate: CurateConfig = field(default_factory=_demo_curate)
     # stage 1: the projector alone, `plain` captions of the coreset (or the raw pool), as the recipe's.
-    # lr 5e-3, 1,000 steps: at 2e-3, or at 300 steps, the coreset arm's projector sometimes never
-    # grounds (held-out colour+shape captions 0.11-0.14 for one seed of two); at 5e-3 x 1,000 both
-    # seeds gave 0.63 / 0.66 (docs/demo.md, "Stage 1: learning rate, steps and seeds")
+    # lr 5e-3, 1,000 steps: the shipped LM's plateau at 2e-3 or 300 steps held the coreset's projector
+    # in one seed of two; at 5e-3 x 1,000 both one-thread seeds grounded (0.63 / 0.66), though the
+    # demo's own two-thread run did not (0.32): docs/demo.md, "The stage-1 plateau"
     stage1: dict = field(default_factory=lambda: {
         "max_steps": 1000, "learning_rate": 5e-3, "per_device_train_batch_size": 32, "warmup_ratio": 0.03})
     # stage 2: LoRA on every Linear of the LM, the projector at a tenth of its rate (the recipe's ratio)
@@ -187,7 +187,7 @@ def evaluate(model_dir: Path, bench_dir: Path, out: Path, ev: EvalSection) -> di
     from bunny.eval.runner import load_answerer, run_tasks
     from bunny.eval.tasks import build_task
 
-    answerer = load_answerer(model_dir, device="cpu")
+    answerer = load_answerer(model_dir)  # cuda when present (the runner's default)
     tasks = [build_task(t, bench_dir) for t in TASKS]
     runs = run_tasks(tasks, answerer, out, batch_size=ev.batch_size, model_id=answerer.model_id,
                      max_new_tokens=ev.max_new_tokens, progress=True, report=True, echo=None)

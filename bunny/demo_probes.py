@@ -68,7 +68,7 @@ def caption_probe(model_dir: str | Path, n: int = 48, seed: int = 90_210, batch_
     about 1/24 per object; ``background`` 1/4."""
     from bunny.eval.runner import load_answerer
 
-    answerer = load_answerer(model_dir, device="cpu", template="plain")
+    answerer = load_answerer(model_dir, template="plain")  # cuda when present
     size = image_size or int(answerer.processor.image_processor.size)
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng) for _ in range(n)]
