@@ -167,6 +167,9 @@ class TrainConfig:
     """bf16 autocast (weights stay fp32 for trainable parts). auto = on with CUDA, off on CPU."""
     gradient_checkpointing: bool = False
     """Activation checkpointing of the LLM's (and a trained vision tower's) blocks."""
+    trim_memory: bool = True
+    """After each optimizer step, give freed memory back to the OS (glibc malloc_trim; CPU runs). Keeps
+    the resident size at what the next step needs instead of the largest step so far; milliseconds a step."""
     base_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the frozen weights (half the memory in bfloat16); trained weights always stay float32
     (master weights), so this needs bf16 autocast."""

@@ -33,6 +33,7 @@ from bunny.train.config import ConfigError, TrainConfig
 from bunny.train.data import build_dataset, data_fingerprint, fingerprint_changes, read_raw, texts_of
 from bunny.train.distributed import DistInfo, setup, teardown
 from bunny.train.engines import LossModule, build_engine
+from bunny.train.memory import release_free_memory
 from bunny.train.metrics import plot_loss
 from bunny.train.schedule import resync_lr, warmup_steps_for
 from bunny.train.stages import check_qlora_available, configure_trainable, trainable_summary
@@ -44,7 +45,7 @@ log = logging.getLogger("bunny.train")
 RUNTIME_KEYS = {
     "output_dir", "resume", "logging_steps", "save_steps", "save_total_limit", "report_to", "progress_bar",
     "stop_after_steps", "dataloader_num_workers", "device", "save_merged", "image_check", "feature_cache",
-    "cpu_threads", "allow_images_outside_folder",
+    "cpu_threads", "allow_images_outside_folder", "trim_memory",
 }
 
 
@@ -186,6 +187,7 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
                                 barrier=dist.barrier)
 
     # ---- the loop: one optimizer step per global batch of the plan ------------------------------
+    trim = cfg.trim_memory and dist.device.type == "cpu"
     step = start_step
     while step < total_steps:
         epoch, in_epoch = divmod(step, spe)
@@ -201,6 +203,8 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
                 window.add(loss, batch)
             lrs = engine.lrs()  # the rates this step uses (the scheduler moves them in step())
             grad_norm = engine.step()
+            if trim:
+                release_free_memory()
             step += 1
             window.step_done(step, lrs, grad_norm)
             if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < total_steps:
