@@ -625,10 +625,12 @@ def speed_main(args: argparse.Namespace, common: dict) -> None:
 
 
 MEMORY_SETTINGS = [
-    ("batch 16 (default settings)", {}, {}),
-    ("batch 16, gradient checkpointing", {"gradient_checkpointing": True}, {}),
-    ("micro-batch 4 x 4 accumulation, gradient checkpointing",
-     {"per_device_train_batch_size": 4, "global_batch_size": 16, "gradient_checkpointing": True}, {}),
+    ("default", {}, {}),
+    ("checkpointing", {"gradient_checkpointing": True}, {}),
+    ("micro4", {"per_device_train_batch_size": 4, "global_batch_size": 16}, {}),
+    ("micro4+checkpointing", {"per_device_train_batch_size": 4, "global_batch_size": 16, "gradient_checkpointing": True}, {}),
+    ("micro4+checkpointing, no trim", {"per_device_train_batch_size": 4, "global_batch_size": 16,
+                                       "gradient_checkpointing": True, "trim_memory": False}, {}),
 ]
 
 

@@ -156,7 +156,7 @@ def check_mfu(check: Check, args: argparse.Namespace) -> None:
         loss = loss_module(input_ids=ids, labels=labels, num_items=n_items, pixel_values=pixels)
         loss.backward()
         optim()
-        return float(loss)
+        return float(loss.detach())
 
     with FlopCounterMode(display=False) as fc:
         loss = loss_module(input_ids=ids, labels=labels, num_items=n_items, pixel_values=pixels)
@@ -175,8 +175,8 @@ def check_mfu(check: Check, args: argparse.Namespace) -> None:
     peak = matmul_peak(device, torch.bfloat16, 512 if args.dry else 8192)
     check.figures = {"shape": f"phi-2-shaped {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
                               f"batch {batch} x {seq} tokens ({n_img} image)" if not args.dry else f"dry: batch {batch} x {seq}",
-                     "step_s": round(dt, 4), "tflops_per_step": round(flops / 1e12, 3),
-                     "achieved_tflops": round(flops / dt / 1e12, 2), "matmul_peak_tflops": round(peak / 1e12, 1),
+                     "step_s": round(dt, 4), "gflop_per_step": round(flops / 1e9, 1),
+                     "achieved_tflops": round(flops / dt / 1e12, 3), "matmul_peak_tflops": round(peak / 1e12, 3),
                      "mfu_vs_measured_peak": round(flops / dt / peak, 3), "loss": round(last, 4)}
     if device.type == "cuda":
         check.figures["mfu_vs_989_tflops"] = round(flops / dt / H100_BF16_DENSE, 3)
@@ -317,8 +317,9 @@ def check_eval(check: Check, args: argparse.Namespace) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"bench_eval.py exited {proc.returncode}: {proc.stderr[-1500:]}")
-    figures = json.loads(out.read_text())
-    check.figures = figures.get("generation", figures) if isinstance(figures, dict) else {"raw": figures}
+    small = json.loads(out.read_text()).get("small", {})
+    check.figures = {f"batch {r['batch']}": f"{r['qps']:.2f} questions/s" for r in small.get("rows", [])}
+    check.figures.update({k: v for k, v in small.items() if k != "rows" and not isinstance(v, (dict, list))})
 
 
 # ---------------------------------------------------------------------------------------------- report
