@@ -549,13 +549,13 @@ BUNNY_VARIANTS = {
     "finetune": [
         ("bunny", {}),
         ("bunny + packing", {"packing": True}),
-        ("bunny, frozen weights bf16", {"base_dtype": "bfloat16"}),
+        ("bunny + frozen weights bf16", {"base_dtype": "bfloat16"}),
         ("bunny - supervised-only logits", {"loss_on_supervised_only": False}),
     ],
     "pretrain": [
         ("bunny", {}),
         ("bunny + feature cache (warm)", {"feature_cache": "CACHE"}),
-        ("bunny, frozen weights bf16", {"base_dtype": "bfloat16"}),
+        ("bunny + frozen weights bf16", {"base_dtype": "bfloat16"}),
     ],
 }
 
