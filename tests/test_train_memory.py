@@ -36,3 +36,30 @@ def test_release_free_memory_returns_freed_pages():
     del blocks[:-1]  # the last block keeps the heap top in use, so only a trim can return the rest
     assert release_free_memory()
     assert rss_mb() < high - 128
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi-2", "smollm2"])
+def test_chunked_head_loss_equals_the_whole_loss_and_gradients(family):
+    from _tiny import tiny_images, tiny_model
+
+    model, processor = tiny_model(family=family)
+    model.train()
+    inputs = processor(text=["<image> describe the cat on the mat", "hello world, the dog"], images=tiny_images(1),
+                       padding_side="right")
+    labels = inputs["input_ids"].clone()
+    labels[:, :3] = -100
+    labels[inputs["attention_mask"] == 0] = -100
+    labels[inputs["input_ids"] == processor.image_token_id] = -100
+    n = int((labels[:, 1:] != -100).sum())
+    results = []
+    for chunk in (None, 3):
+        model.zero_grad(set_to_none=True)
+        out = model(**inputs, labels=labels, supervised_logits_only=True, loss_chunk_size=chunk)
+        out.loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), grads, out.logits))
+    (whole, g_whole, logits), (chunked, g_chunked, none) = results
+    assert n > 3 and logits.shape[0] == n and none is None  # several chunks; no logits kept
+    assert torch.allclose(whole, chunked, atol=1e-6)
+    assert g_whole.keys() == g_chunked.keys() and "mm_projector.0.weight" in g_whole
+    assert all(torch.allclose(g_whole[k], g_chunked[k], atol=1e-6) for k in g_whole)

@@ -182,6 +182,9 @@ class TrainConfig:
     epochs and runs (keyed by the encoder's weights and the preprocessing)."""
     loss_on_supervised_only: bool = True
     """Apply lm_head only at positions that carry a label (same loss, far less memory/compute)."""
+    loss_chunk_size: int | None = None
+    """With loss_on_supervised_only: apply lm_head and the loss over this many supervised positions at
+    a time, recomputed in backward (a large vocabulary's logits never exist whole; e.g. 512). null = all at once."""
     seed: int = 42
     """Seeds the data order, dropout and any new weights (projector, LoRA)."""
 
@@ -241,6 +244,8 @@ class TrainConfig:
             raise ValueError("feature_cache needs a frozen vision tower (stage 1, tune: projector)")
         if self.base_dtype != "float32" and self.bf16 is False:
             raise ValueError(f"base_dtype {self.base_dtype} needs bf16 autocast (bf16: true or auto)")
+        if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
+            raise ValueError(f"loss_chunk_size must be positive (or null), got {self.loss_chunk_size}")
         if self.save_total_limit < 1:
             raise ValueError("save_total_limit must be at least 1")
         if isinstance(self.data_path, Path):

@@ -356,7 +356,8 @@ def _engine(cfg: TrainConfig, model: Any, dataset: Any, dist: DistInfo, autocast
         sharded = cfg.distributed in ("deepspeed", "fsdp")
         tower = (sharded or cfg.unfreeze_vision_tower) and dataset.feature_cache is None
         blank = "tower" if tower else "projector"
-    loss_module = LossModule(model, cfg.loss_on_supervised_only, autocast_dtype, dist.device, blank_images=blank)
+    loss_module = LossModule(model, cfg.loss_on_supervised_only, autocast_dtype, dist.device, blank_images=blank,
+                             loss_chunk_size=cfg.loss_chunk_size)
     return build_engine(model, loss_module, cfg, dist, total_steps, warmup, accum)
 
 
