@@ -518,7 +518,7 @@ def main() -> None:
                    help="torch threads of every variant (1: on a shared 2-core machine 2 threads stall, see RESULTS.md)")
     p.add_argument("--stages", default="finetune,pretrain")
     p.add_argument("--variants", default="all", help="comma list of bunny variant names, or all")
-    p.add_argument("--no-profile", action="store_true", help="skip the per-phase breakdown")
+    p.add_argument("--profile-stages", default="finetune", help="stages to break down per phase ('' = none)")
     p.add_argument("--memory", type=int, default=0, metavar="STEPS",
                    help="instead: RSS over a STEPS-step stage-2 run, per memory setting")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench-smollm2")
@@ -590,7 +590,7 @@ def speed_main(args: argparse.Namespace, common: dict) -> None:
             rows.append({"stage": st, "variant": name, "sps_cpu": n / cpu, "sps_wall": n / wall,
                          "mfu": flops[st]["flops_per_sample"] * n / wall / peak["peak"],
                          "peak_rss_mb": res["peak_rss_mb"], "step_wall": statistics.median(res["wall_s"])})
-        if not args.no_profile:
+        if st in args.profile_stages.split(","):
             for kind in ("profile_baseline", "profile_bunny"):
                 profiles[(st, kind)] = spawn(args, f"{st} / {kind}", {**spec0, "kind": kind, "over": {},
                                                                       "name": f"{st}-{kind}"})
