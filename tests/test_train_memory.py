@@ -63,3 +63,18 @@ def test_chunked_head_loss_equals_the_whole_loss_and_gradients(family):
     assert torch.allclose(whole, chunked, atol=1e-6)
     assert g_whole.keys() == g_chunked.keys() and "mm_projector.0.weight" in g_whole
     assert all(torch.allclose(g_whole[k], g_chunked[k], atol=1e-6) for k in g_whole)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_fixed_mmap_threshold_returns_large_frees_at_once():
+    import subprocess
+
+    code = ("from bunny.train.memory import fix_mmap_threshold\n"
+            "def rss():\n    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
+            "import sys\nif sys.argv[1] == 'fixed': assert fix_mmap_threshold(1)\n"
+            "big = bytearray(16 * 2**20); del big\n"  # first large free: glibc raises its threshold
+            "blocks = [bytearray(8 * 2**20) for _ in range(32)]; keep = bytearray(200_000)\n"
+            "high = rss(); del blocks\nprint(high - rss())\n")
+    freed = {mode: float(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
+                                        check=True).stdout) for mode in ("fixed", "dynamic")}
+    assert freed["fixed"] > 200 and freed["dynamic"] < freed["fixed"] - 100, freed

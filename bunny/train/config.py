@@ -170,6 +170,9 @@ class TrainConfig:
     trim_memory: bool = True
     """After each optimizer step, give freed memory back to the OS (glibc malloc_trim; CPU runs). Keeps
     the resident size at what the next step needs instead of the largest step so far; milliseconds a step."""
+    mmap_threshold_mb: int | None = None
+    """CPU runs: allocations of at least this many MB get their own mmap, returned when freed (glibc
+    mallopt), so RSS stays at the live tensors instead of a fragmented heap (e.g. 1; costs page faults)."""
     base_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the frozen weights (half the memory in bfloat16); trained weights always stay float32
     (master weights), so this needs bf16 autocast."""

@@ -34,3 +34,21 @@ def release_free_memory() -> bool:
         return False
     libc.malloc_trim(0)
     return True
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def fix_mmap_threshold(mb: int) -> bool:
+    """Serve every allocation of at least ``mb`` MB with its own mmap, returned to the OS when freed.
+
+    glibc raises its mmap threshold (up to 32 MB) after the first large frees, so a step's activations
+    then come from the heap, where freed blocks of one size rarely fit the next step's sizes: measured
+    on SmolLM2 (16 x 259 tokens, gradient checkpointing) the heap grew to 4.5 GB during a forward whose
+    live tensors took 1.4 GB. Fixing the threshold keeps RSS at the live set; the price is fresh pages
+    (page faults, zeroing) for every large tensor. False where there is no glibc ``mallopt``."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(mb * 2**20)))
+

@@ -33,7 +33,7 @@ from bunny.train.config import ConfigError, TrainConfig
 from bunny.train.data import build_dataset, data_fingerprint, fingerprint_changes, read_raw, texts_of
 from bunny.train.distributed import DistInfo, setup, teardown
 from bunny.train.engines import LossModule, build_engine
-from bunny.train.memory import release_free_memory
+from bunny.train.memory import fix_mmap_threshold, release_free_memory
 from bunny.train.metrics import plot_loss
 from bunny.train.schedule import resync_lr, warmup_steps_for
 from bunny.train.stages import check_qlora_available, configure_trainable, trainable_summary
@@ -45,7 +45,7 @@ log = logging.getLogger("bunny.train")
 RUNTIME_KEYS = {
     "output_dir", "resume", "logging_steps", "save_steps", "save_total_limit", "report_to", "progress_bar",
     "stop_after_steps", "dataloader_num_workers", "device", "save_merged", "image_check", "feature_cache",
-    "cpu_threads", "allow_images_outside_folder", "trim_memory",
+    "cpu_threads", "allow_images_outside_folder", "trim_memory", "mmap_threshold_mb",
 }
 
 
@@ -229,6 +229,8 @@ def _prepare(cfg: TrainConfig, dist: DistInfo) -> Path:
     dist.barrier()
     if cfg.cpu_threads is not None:
         torch.set_num_threads(cfg.cpu_threads)
+    if cfg.mmap_threshold_mb is not None and dist.device.type == "cpu" and not fix_mmap_threshold(cfg.mmap_threshold_mb):
+        log.warning("mmap_threshold_mb: this C library has no glibc mallopt; ignored")
     check_qlora_available(cfg, dist.device)
     _seed_all(cfg.seed)
     return out
