@@ -629,7 +629,8 @@ MEMORY_SETTINGS = [
     ("checkpointing", {"gradient_checkpointing": True}, {}),
     ("micro4", {"per_device_train_batch_size": 4, "global_batch_size": 16}, {}),
     ("micro4+checkpointing", {"per_device_train_batch_size": 4, "global_batch_size": 16, "gradient_checkpointing": True}, {}),
-    ("checkpointing+chunk+mmap", {"gradient_checkpointing": True, "loss_chunk_size": 512, "mmap_threshold_mb": 1}, {}),
+    ("checkpointing+chunk+mmap+trim", {"gradient_checkpointing": True, "loss_chunk_size": 512, "mmap_threshold_mb": 1,
+                                       "trim_memory": True}, {}),
 ]
 
 

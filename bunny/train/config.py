@@ -167,9 +167,10 @@ class TrainConfig:
     """bf16 autocast (weights stay fp32 for trainable parts). auto = on with CUDA, off on CPU."""
     gradient_checkpointing: bool = False
     """Activation checkpointing of the LLM's (and a trained vision tower's) blocks."""
-    trim_memory: bool = True
+    trim_memory: bool = False
     """After each optimizer step, give freed memory back to the OS (glibc malloc_trim; CPU runs). Keeps
-    the resident size at what the next step needs instead of the largest step so far; milliseconds a step."""
+    the resident size between steps at the live tensors instead of the largest step so far; costs ~0.1 s
+    a step with GBs freed (and the page faults of taking them back), so it is off by default."""
     mmap_threshold_mb: int | None = None
     """CPU runs: allocations of at least this many MB get their own mmap, returned when freed (glibc
     mallopt), so RSS stays at the live tensors instead of a fragmented heap (e.g. 1; costs page faults)."""
