@@ -253,6 +253,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best per batch size counts")
     ap.add_argument("--device", default=None)
     ap.add_argument("--skip-generation", action="store_true")
+    ap.add_argument("--skip-small", action="store_true", help="time only --model, not the small random config")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args()
 
@@ -278,16 +279,17 @@ def main() -> int:
             if len(task.docs()) < args.questions:
                 raise SystemExit(f"only {len(task.docs())} questions generated")
             sizes = [int(b) for b in args.batch_sizes.split(",")]
-            model, processor = small_model()
-            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-            model.to(device=device, dtype=dtype)
-            answerer = ModelAnswerer(model, processor, model_id="small-random")
-            force_length(answerer)
-            print(f"small config (random, {args.new_tokens} new tokens per answer), "
-                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters:", flush=True)
-            results["small"] = bench_generation(answerer, task, args.questions, sizes, args.new_tokens, "small", work,
-                                                rounds=args.rounds)
-            del answerer, model
+            if not args.skip_small:
+                model, processor = small_model()
+                dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+                model.to(device=device, dtype=dtype)
+                answerer = ModelAnswerer(model, processor, model_id="small-random")
+                force_length(answerer)
+                print(f"small config (random, {args.new_tokens} new tokens per answer), "
+                      f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters:", flush=True)
+                results["small"] = bench_generation(answerer, task, args.questions, sizes, args.new_tokens, "small",
+                                                    work, rounds=args.rounds)
+                del answerer, model
             if args.model:
                 answerer = load_answerer(args.model, device=device)
                 print(f"model {args.model} (stops on its own end token, up to 16 new tokens):", flush=True)

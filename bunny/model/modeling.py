@@ -234,6 +234,7 @@ class BunnyForConditionalGeneration(BunnyPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         image_features: torch.Tensor | None = None,
         supervised_logits_only: bool = False,
+        loss_chunk_size: int | None = None,
         past_key_values=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -244,7 +245,11 @@ class BunnyForConditionalGeneration(BunnyPreTrainedModel, GenerationMixin):
         whose next token is supervised, so the full-vocabulary logits are never materialised for
         prompt/image tokens; the returned ``logits`` are then ``[n_supervised, vocab]`` and the
         loss equals the default one. ``num_items_in_batch`` (in kwargs) turns the mean into a sum
-        divided by it, as in transformers' loss (gradient accumulation).
+        divided by it, as in transformers' loss (gradient accumulation). ``loss_chunk_size`` (with
+        ``supervised_logits_only``): the head and the loss run over that many positions at a time and
+        are recomputed in backward, so the ``[n_supervised, vocab]`` logits never exist whole (a
+        49k vocabulary x 3k targets is 0.6 GB in float32, several times over with softmax and
+        gradients); the returned ``logits`` are then None.
         """
         cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
@@ -273,16 +278,23 @@ class BunnyForConditionalGeneration(BunnyPreTrainedModel, GenerationMixin):
             targets = labels[:, 1:]
             keep = torch.zeros_like(labels, dtype=torch.bool)
             keep[:, :-1] = targets != IGNORE_INDEX
-            out = self.language_model(logits_to_keep=keep, **lm_kwargs)
-            logits = out.logits.reshape(-1, out.logits.shape[-1])
-            loss = F.cross_entropy(
-                logits.float(), targets[targets != IGNORE_INDEX].to(logits.device), reduction="sum"
-            )
+            wanted = targets[targets != IGNORE_INDEX]
+            if loss_chunk_size and self.config.llm_family != "generic":
+                # decoder, then the head chunk by chunk: only one chunk's logits exist at a time
+                out = self.language_model.get_decoder()(**lm_kwargs)
+                hidden = out.last_hidden_state[keep]
+                logits = None
+                loss = chunked_head_loss(hidden, wanted.to(hidden.device), self.get_output_embeddings(),
+                                         loss_chunk_size)
+            else:
+                out = self.language_model(logits_to_keep=keep, **lm_kwargs)
+                logits = out.logits.reshape(-1, out.logits.shape[-1])
+                loss = F.cross_entropy(logits.float(), wanted.to(logits.device), reduction="sum")
             denominator = num_items_in_batch if num_items_in_batch is not None else max(int(keep.sum()), 1)
             if torch.is_tensor(denominator):
                 denominator = denominator.to(loss.device)
             loss = loss / denominator
-            if int(keep.sum()) == 0:
+            if int(keep.sum()) == 0 and logits is not None:
                 loss = loss + 0.0 * logits.sum()  # keep the graph connected
         else:
             out = self.language_model(labels=labels, logits_to_keep=logits_to_keep, **lm_kwargs)
@@ -295,6 +307,23 @@ class BunnyForConditionalGeneration(BunnyPreTrainedModel, GenerationMixin):
             hidden_states=out.hidden_states,
             attentions=out.attentions,
         )
+
+
+def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden)`` against ``targets``, ``chunk`` rows at a time. Each
+    chunk is checkpointed: its logits are freed after its loss and recomputed in backward, so memory
+    holds one chunk's logits instead of all of them (one extra head matmul is the price)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def part(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h).float(), t, reduction="sum")
+
+    total = None
+    for start in range(0, max(int(hidden.shape[0]), 1), chunk):
+        h, t = hidden[start:start + chunk], targets[start:start + chunk]
+        piece = checkpoint(part, h, t, use_reentrant=False) if h.requires_grad else part(h, t)
+        total = piece if total is None else total + piece
+    return total
 
 
 def register_auto_classes() -> None:

@@ -127,7 +127,9 @@ def build_start_model(cfg: TrainConfig, texts_fn, main: bool = True, barrier=lam
 
     base: Path | None = None
     if cfg.model_name_or_path is not None:
-        base = Path(cfg.model_name_or_path).resolve()
+        from bunny.model.hub import resolve_folder
+
+        base = resolve_folder(str(cfg.model_name_or_path), what="model").resolve()  # a hub name: the HF cache
         model, processor = load_model(base, trust_remote_code=cfg.trust_remote_code)
     elif cfg.tiny is None and not (cfg.vision_tower and cfg.language_model):
         assert cfg.projector_from is not None  # check_paths guarantees one of the four

@@ -73,13 +73,15 @@ class TrainConfig:
 
     # ---- the model -----------------------------------------------------------------------------
     model_name_or_path: Path | None = None
-    """Start from a complete bunny model folder (overrides vision_tower/language_model)."""
+    """Start from a complete bunny model folder, or its hub name (``org/name``, see bunny.model.hub);
+    overrides vision_tower/language_model."""
     vision_tower: str | None = None
     """Vision encoder checkpoint folder on disk (e.g. a download of google/siglip-so400m-patch14-384)."""
     vision_encoder: str | None = None
     """Registry name of the encoder family (siglip, clip, eva_clip); null = read from the checkpoint."""
     language_model: str | None = None
-    """LLM checkpoint folder on disk, with its tokenizer (e.g. a download of microsoft/phi-2)."""
+    """LLM checkpoint folder on disk, with its tokenizer (e.g. a download of microsoft/phi-2), a hub name,
+    or a ``.gguf`` file (converted once to a cached folder, see bunny.model.gguf)."""
     llm_family: str | None = None
     """Registry name of the LLM family (phi-1.5, phi-2, phi-3, stablelm-2, qwen1.5, qwen2, minicpm, llama-3,
     generic); null = from the checkpoint's model_type."""
@@ -165,6 +167,13 @@ class TrainConfig:
     """bf16 autocast (weights stay fp32 for trainable parts). auto = on with CUDA, off on CPU."""
     gradient_checkpointing: bool = False
     """Activation checkpointing of the LLM's (and a trained vision tower's) blocks."""
+    trim_memory: bool = False
+    """After each optimizer step, give freed memory back to the OS (glibc malloc_trim; CPU runs). Keeps
+    the resident size between steps at the live tensors instead of the largest step so far; costs ~0.1 s
+    a step with GBs freed (and the page faults of taking them back), so it is off by default."""
+    mmap_threshold_mb: int | None = None
+    """CPU runs: allocations of at least this many MB get their own mmap, returned when freed (glibc
+    mallopt), so RSS stays at the live tensors instead of a fragmented heap (e.g. 1; costs page faults)."""
     base_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the frozen weights (half the memory in bfloat16); trained weights always stay float32
     (master weights), so this needs bf16 autocast."""
@@ -177,6 +186,9 @@ class TrainConfig:
     epochs and runs (keyed by the encoder's weights and the preprocessing)."""
     loss_on_supervised_only: bool = True
     """Apply lm_head only at positions that carry a label (same loss, far less memory/compute)."""
+    loss_chunk_size: int | None = None
+    """With loss_on_supervised_only: apply lm_head and the loss over this many supervised positions at
+    a time, recomputed in backward (a large vocabulary's logits never exist whole; e.g. 512). null = all at once."""
     seed: int = 42
     """Seeds the data order, dropout and any new weights (projector, LoRA)."""
 
@@ -236,6 +248,8 @@ class TrainConfig:
             raise ValueError("feature_cache needs a frozen vision tower (stage 1, tune: projector)")
         if self.base_dtype != "float32" and self.bf16 is False:
             raise ValueError(f"base_dtype {self.base_dtype} needs bf16 autocast (bf16: true or auto)")
+        if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
+            raise ValueError(f"loss_chunk_size must be positive (or null), got {self.loss_chunk_size}")
         if self.save_total_limit < 1:
             raise ValueError("save_total_limit must be at least 1")
         if isinstance(self.data_path, Path):
@@ -257,6 +271,9 @@ class TrainConfig:
 
     def check_paths(self) -> None:
         """Fail early, naming the path, when an input file or folder is missing."""
+        from bunny.model.gguf import is_gguf
+        from bunny.model.hub import is_hub_name
+
         problems = []
         for p in self.data_path or []:
             if not Path(p).is_file():
@@ -265,14 +282,23 @@ class TrainConfig:
             problems.append("data_path: required (a LLaVA JSON/JSONL file)")
         if self.image_folder is not None and not Path(self.image_folder).is_dir():
             problems.append(f"image_folder: folder not found: {self.image_folder}")
-        if self.model_name_or_path is not None and not Path(self.model_name_or_path).exists():
-            problems.append(f"model_name_or_path: not found: {self.model_name_or_path}")
+        if self.model_name_or_path is not None:
+            name = str(self.model_name_or_path)
+            if is_gguf(name):
+                problems.append(f"model_name_or_path: {name} is a GGUF LLM file, not a Bunny model folder; give it as "
+                                "language_model (with vision_tower) to assemble a model on it")
+            elif not Path(name).expanduser().exists() and not is_hub_name(name):
+                problems.append(f"model_name_or_path: not found: {name}")
         if self.projector_from is not None and not Path(self.projector_from).exists():
             problems.append(f"projector_from: not found: {self.projector_from}")
         if self.deepspeed is not None and not Path(self.deepspeed).is_file():
             problems.append(f"deepspeed: file not found: {self.deepspeed}")
         for key in ("vision_tower", "language_model"):
             value = getattr(self, key)
+            if value and is_gguf(value):  # a local file, whatever its shape (bunny.model.gguf)
+                if not Path(value).expanduser().is_file():
+                    problems.append(f"{key}: GGUF file not found: {value}")
+                continue
             # A value that looks like a local path must exist; otherwise it is a hub id.
             if value and (value.startswith((".", "/", "~")) or Path(value).exists()):
                 if not Path(value).expanduser().exists():

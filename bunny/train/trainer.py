@@ -33,6 +33,7 @@ from bunny.train.config import ConfigError, TrainConfig
 from bunny.train.data import build_dataset, data_fingerprint, fingerprint_changes, read_raw, texts_of
 from bunny.train.distributed import DistInfo, setup, teardown
 from bunny.train.engines import LossModule, build_engine
+from bunny.train.memory import fix_mmap_threshold, release_free_memory
 from bunny.train.metrics import plot_loss
 from bunny.train.schedule import resync_lr, warmup_steps_for
 from bunny.train.stages import check_qlora_available, configure_trainable, trainable_summary
@@ -44,7 +45,7 @@ log = logging.getLogger("bunny.train")
 RUNTIME_KEYS = {
     "output_dir", "resume", "logging_steps", "save_steps", "save_total_limit", "report_to", "progress_bar",
     "stop_after_steps", "dataloader_num_workers", "device", "save_merged", "image_check", "feature_cache",
-    "cpu_threads", "allow_images_outside_folder",
+    "cpu_threads", "allow_images_outside_folder", "trim_memory", "mmap_threshold_mb",
 }
 
 
@@ -186,6 +187,7 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
                                 barrier=dist.barrier)
 
     # ---- the loop: one optimizer step per global batch of the plan ------------------------------
+    trim = cfg.trim_memory and dist.device.type == "cpu"
     step = start_step
     while step < total_steps:
         epoch, in_epoch = divmod(step, spe)
@@ -201,6 +203,8 @@ def _run(cfg: TrainConfig, dist: DistInfo) -> Path | None:
                 window.add(loss, batch)
             lrs = engine.lrs()  # the rates this step uses (the scheduler moves them in step())
             grad_norm = engine.step()
+            if trim:
+                release_free_memory()
             step += 1
             window.step_done(step, lrs, grad_norm)
             if cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < total_steps:
@@ -225,6 +229,8 @@ def _prepare(cfg: TrainConfig, dist: DistInfo) -> Path:
     dist.barrier()
     if cfg.cpu_threads is not None:
         torch.set_num_threads(cfg.cpu_threads)
+    if cfg.mmap_threshold_mb is not None and dist.device.type == "cpu" and not fix_mmap_threshold(cfg.mmap_threshold_mb):
+        log.warning("mmap_threshold_mb: this C library has no glibc mallopt; ignored")
     check_qlora_available(cfg, dist.device)
     _seed_all(cfg.seed)
     return out
@@ -352,7 +358,8 @@ def _engine(cfg: TrainConfig, model: Any, dataset: Any, dist: DistInfo, autocast
         sharded = cfg.distributed in ("deepspeed", "fsdp")
         tower = (sharded or cfg.unfreeze_vision_tower) and dataset.feature_cache is None
         blank = "tower" if tower else "projector"
-    loss_module = LossModule(model, cfg.loss_on_supervised_only, autocast_dtype, dist.device, blank_images=blank)
+    loss_module = LossModule(model, cfg.loss_on_supervised_only, autocast_dtype, dist.device, blank_images=blank,
+                             loss_chunk_size=cfg.loss_chunk_size)
     return build_engine(model, loss_module, cfg, dist, total_steps, warmup, accum)
 
 

@@ -7,6 +7,7 @@ the counts over processes (collectives every process must join); only the main p
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,18 @@ from bunny.config import to_dict
 from bunny.train.config import TrainConfig
 from bunny.train.distributed import DistInfo
 from bunny.train.metrics import MetricsWriter
+
+
+def current_rss_mb() -> float:
+    """This process's resident set now, in MB (``/proc/self/statm``; the peak from getrusage elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):  # not Linux: the peak is the best available figure
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def _progress(cfg: TrainConfig, main: bool, total: int, initial: int):
@@ -75,6 +88,7 @@ class StepWindow:
             "tokens_per_s": tokens_all / elapsed,
             "step_s": elapsed / self.steps,
             "cpu_s": (time.process_time() - self.cpu) / self.steps,  # this process's CPU time per step
+            "rss_mb": round(current_rss_mb(), 1),  # resident memory now (flat after warm-up, or a leak)
             **{f"lr/{k}": v for k, v in lrs.items()},
         }
         if self.metrics is not None:

@@ -24,7 +24,7 @@ class LossModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, supervised_only: bool, autocast_dtype: torch.dtype | None,
-                 device: torch.device, blank_images: str = "none"):
+                 device: torch.device, blank_images: str = "none", loss_chunk_size: int | None = None):
         super().__init__()
         if blank_images not in ("none", "projector", "tower"):
             raise ValueError(f"blank_images must be none, projector or tower, got {blank_images!r}")
@@ -33,6 +33,7 @@ class LossModule(nn.Module):
         self.autocast_dtype = autocast_dtype
         self.device_type = device.type
         self.blank_images = blank_images
+        self.loss_chunk_size = loss_chunk_size
 
     def forward(
         self,
@@ -61,6 +62,7 @@ class LossModule(nn.Module):
                 labels=labels,
                 use_cache=False,  # no cache: the mask code detects packed rows from position_ids
                 supervised_logits_only=self.supervised_only,
+                loss_chunk_size=self.loss_chunk_size,
                 num_items_in_batch=num_items,
             )
         return out.loss
