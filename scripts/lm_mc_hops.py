@@ -4,8 +4,11 @@ right letter, on held-out multiple-choice questions with ideal image slots.
 The hops are the ones ``lookup_loss`` trains (``SlotCoder.lookup_targets``): a fact word -> the slots
 with that fact (layer 0 head 0), an option's last word -> its letter (layer 0 head 1), the reply
 position -> the question's fact words (layer 1 head 0), the reply position -> the right option's last
-word (last layer head 0). A hop near 1.0 is learned; the one well below it is where the answer is
-lost. Also printed: the letters the LM answers (a single letter for everything means it guesses).
+word (last layer head 0); for LMs made with ``lm.background_lookup`` / ``lm.option_span`` (the default),
+"background" and the background names -> every slot, and an option's last word -> its whole text
+(layer 0 head 2). A hop near 1.0 is learned; the one well below it is where the answer is
+lost. Also printed: the letters the LM answers (a single letter for everything means it guesses), and the right-letter rate
+per kind of question (``by_question``: "rate of count").
 
     .venv/bin/python scripts/lm_mc_hops.py bunny/backbones/shipped/*/lm [--questions 200]
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -26,18 +30,27 @@ from bunny.backbones.language import SlotCoder, render_bunny
 from bunny.data.synthetic.instruct import conversation
 from bunny.data.synthetic.scenes import sample_scene
 
-HOPS = {(0, 0): "fact word -> its slots", (0, 1): "option -> its letter", (1, 0): "reply -> question words",
-        (-1, 0): "reply -> right option"}
+HOPS = {(0, 0): "fact word -> its slots", (0, 1): "option -> its letter", (0, 2): "option -> its whole text",
+        (1, 0): "reply -> question words", (-1, 0): "reply -> right option"}
+
+
+def question_kind(text: str) -> str:
+    """The first three words of the question line ("What kind of", "Where is the"): the kind a
+    right-letter rate is broken down by."""
+    lines = [ln for ln in text.split("\n") if "?" in ln] or [text]
+    return " ".join(re.sub(r"<image[^>]*>", "", lines[0]).split()[:3])
 
 
 @torch.no_grad()
-def measure(lm_dir: str, questions: int, seed: int, side: int = 3) -> dict:
+def measure(lm_dir: str, questions: int, seed: int, side: int = 3, background: bool = True,
+            option_span: bool = True) -> dict:
     tok = AutoTokenizer.from_pretrained(lm_dir)
     model = AutoModelForCausalLM.from_pretrained(lm_dir, attn_implementation="eager").eval()
-    coder = SlotCoder(tok, side)
+    coder = SlotCoder(tok, side, background=background, option_span=option_span)
     rng = np.random.default_rng(seed)
     mass: dict[tuple[int, int], list[float]] = defaultdict(list)
     right, letters = [], Counter()
+    kinds: dict[str, list[bool]] = defaultdict(list)
     for _ in range(questions):
         scene = sample_scene(rng)
         conv = conversation("mc", scene, rng)[:2]
@@ -52,10 +65,13 @@ def measure(lm_dir: str, questions: int, seed: int, side: int = 3) -> dict:
         keep = wanted != -100
         predicted = out.logits[0, :-1][keep].argmax(-1)
         right.append(bool((predicted == wanted[keep]).all()))
+        kinds[question_kind(conv[0]["value"])].append(right[-1])
         letters[tok.decode(predicted[:1]).strip()] += 1
     return {"right_letter": round(float(np.mean(right)), 3),
             "hop_mass": {HOPS[k]: round(float(np.mean(v)), 3) for k, v in mass.items()},
-            "answered": dict(letters.most_common())}
+            "answered": dict(letters.most_common()),
+            "by_question": {k: f"{np.mean(v):.2f} of {len(v)}" for k, v in
+                            sorted(kinds.items(), key=lambda kv: -len(kv[1])) if len(v) >= 5}}
 
 
 def main() -> None:
@@ -63,9 +79,12 @@ def main() -> None:
     p.add_argument("lm", help="an LM folder made by bunny backbones (its lm/ subfolder)")
     p.add_argument("--questions", type=int, default=200)
     p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--plain-hops", action="store_true",
+                   help="measure only the hops of LMs made before lm.background_lookup / lm.option_span")
     a = p.parse_args()
     torch.set_num_threads(1)
-    print(json.dumps(measure(a.lm, a.questions, a.seed), indent=1))
+    print(json.dumps(measure(a.lm, a.questions, a.seed, background=not a.plain_hops, option_span=not a.plain_hops),
+                     indent=1))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ TINY = BackboneSettings(
     tokenizer_scenes=150,
     vision=VisionSettings(hidden_size=32, layers=2, heads=2, intermediate_size=64, text_hidden_size=32,
                           text_layers=1, steps=12, batch_size=16, warmup=2),
-    lm=LMSettings(hidden_size=32, layers=2, heads=2, intermediate_size=64, steps=12, batch_size=4, warmup=2,
+    lm=LMSettings(hidden_size=32, layers=2, heads=4, intermediate_size=64, steps=12, batch_size=4, warmup=2,
                   turns=2, probe_questions=14),
 )
 
@@ -213,6 +213,46 @@ def test_lookup_targets_point_question_words_at_their_slots_and_the_reply_at_the
     (choose,) = [(q, show(keys)) for layer, head, q, keys in targets if layer == -1]
     assert choose[1] == ["bottom"] and choose[0] == reads[1][0]
     assert coder.lookup_targets(ids, labels, None) == []
+
+
+def test_background_and_option_span_hops():
+    """With ``background``, "background" reads every slot and the background's name reads the slots when
+    it is this scene's; with ``option_span``, an option of several words has its last word read the
+    whole option, so "top left" and "bottom left" are told apart where the reply picks one."""
+    from transformers import AutoTokenizer
+
+    from bunny.backbones.language import SlotCoder, render_bunny
+    from bunny.backbones.ship import SHIPPED_DIR
+    from bunny.data.synthetic.scenes import Obj, Scene
+    from bunny.demo import DemoConfig
+
+    scene = Scene("snow", (Obj("circle", "red", "large", 0, 0),), 3)
+    tok = AutoTokenizer.from_pretrained(SHIPPED_DIR / DemoConfig().backbones.key() / "tokenizer")  # names are one token
+    conv = [{"from": "human", "value": "<image>\nWhat kind of background does the image have?\nA. sand\nB. snow\n"
+                                       "Answer with the option's letter."}, {"from": "gpt", "value": "B"},
+            {"from": "human", "value": "Where is the circle?\nA. bottom left\nB. top left\nAnswer with the option's letter."},
+            {"from": "gpt", "value": "B"}]
+
+    def hops(coder):
+        ids, labels, _ = coder.encode(render_bunny(conv), scene)
+        first = ids.index(coder.image_id)
+
+        def show(keys):
+            return sorted(k - first if ids[k] == coder.image_id else tok.decode([ids[k]]).strip() for k in keys)
+        return [(layer, head, tok.decode([ids[q]]).strip(), show(keys)) for layer, head, q, keys in
+                coder.lookup_targets(ids, labels, scene)]
+
+    old, new = hops(SlotCoder(tok, 3)), hops(SlotCoder(tok, 3, background=True, option_span=True))
+    assert not any(w in ("background", "snow", "sand") for layer, head, w, _ in old if (layer, head) == (0, 0))
+    assert (0, 0, "background", list(range(9))) in new and (0, 0, "snow", list(range(9))) in new
+    assert not any(w == "sand" for layer, head, w, _ in new if (layer, head) == (0, 0))  # not this scene's
+    reads = [keys for layer, head, _, keys in new if layer == 1]
+    assert reads[0] == ["background"] and reads[1] == ["circle"]
+    spans = [(w, keys) for layer, head, w, keys in new if (layer, head) == (0, 2)]
+    assert spans == [("left", ["bottom", "left"]), ("left", ["left", "top"])]
+    assert not any((layer, head) == (0, 2) for layer, head, _, _ in old)
+    picks = [keys for layer, head, _, keys in new if layer == -1]
+    assert picks == [["snow"], ["left"]]
 
 
 def test_lookup_loss_is_low_when_attention_is_on_the_targets():

@@ -56,6 +56,31 @@ def test_stage1_trains_only_the_projector(stage1, tmp_path):
                                                                       if k.startswith("mm_projector.")}
 
 
+def test_projector_init_zero_out_starts_at_zero_and_trains(tmp_path):
+    """``projector_init: zero_out`` zeroes a new projector's output layer (every image token starts as
+    the same zero vector); training moves it off zero. The default keeps the projector type's init, and
+    a projector with no output Linear is refused by name."""
+    from bunny.model.projectors import output_layer
+    from bunny.train.builder import build_start_model
+
+    zero, _, _ = build_start_model(tiny_cfg(tmp_path / "z", projector_init="zero_out"), lambda: [])
+    default, _, _ = build_start_model(tiny_cfg(tmp_path / "d"), lambda: [])
+    out_z, out_d = output_layer(zero.mm_projector), output_layer(default.mm_projector)
+    assert out_z is zero.mm_projector[-1] and not out_z.weight.any() and not out_z.bias.any()
+    assert out_d.weight.abs().sum() > 0
+    assert torch.equal(zero.mm_projector[0].weight, default.mm_projector[0].weight)  # only the output layer
+    final = run(tiny_cfg(tmp_path / "run", max_steps=3, projector_init="zero_out"))
+    trained, _ = bunny.load_model(final)
+    assert output_layer(trained.mm_projector).weight.abs().sum() > 0
+    assert all(r["loss"] > 0 for r in read_metrics(tmp_path / "run"))
+    from bunny.model.projectors import IdentityProjector, zero_output_layer
+
+    with pytest.raises(ValueError, match="IdentityProjector has no output nn.Linear"):
+        zero_output_layer(IdentityProjector(8, 8))
+    with pytest.raises(ConfigError, match="projector_init: expected one of"):
+        load_train_config(None, ["stage=pretrain", "projector_init=zeros"])
+
+
 def test_feature_cache_gives_the_same_training(stage1, tmp_path):
     out, _ = stage1
     cache = tmp_path / "cache"

@@ -35,6 +35,7 @@ from bunny.data.templates import IGNORE_INDEX
 # Single-turn kinds of image conversation and their weights (the rest is multi-turn, `multi_share`).
 # Multiple choice is weighted up: with 7.5% of the conversations the LM (ideal slots) picked the right
 # letter 0.37 of the time; the other skills saturate with far fewer examples (docs/demo.md).
+EVERY_SLOT = "*"  # the fact of a word every image slot has (``"background"``)
 SINGLE_KINDS = {"short": 0.2, "yesno": 0.2, "mc": 0.45, "describe": 0.1, "caption": 0.05}
 
 
@@ -60,6 +61,8 @@ class LMSettings:
     probe_questions: int = 300  # held-out questions of the final probe
     lookup_aux: float = 1.0  # weight of the lookup-supervision loss (0: off), see lookup_loss
     lookup_balance: bool = True  # each hop kind weighs the same in lookup_loss (multiple choice 0.42 -> 0.56)
+    background_lookup: bool = True  # background names are fact words and "background" reads every slot
+    option_span: bool = True  # an option's last word also reads its whole text ("top left", not just "left")
     seed: int = 0
 
 
@@ -115,8 +118,9 @@ class SlotCoder:
     """Turns ``(pieces, scene)`` into model inputs: the text's token ids with ``<image>`` expanded to
     ``side**2`` slot positions, and for each slot the token ids of its words (``slot_words``)."""
 
-    def __init__(self, tok, side: int):
+    def __init__(self, tok, side: int, background: bool = False, option_span: bool = False):
         self.tok, self.side = tok, side
+        self.background, self.option_span = background, option_span
         self.image_id = tok.convert_tokens_to_ids(IMAGE)
         self._word_ids: dict[str, list[int]] = {}
         self._pieces: dict[int, str] = {}
@@ -144,12 +148,16 @@ class SlotCoder:
 
     def fact_words(self) -> dict[int, str]:
         """Token id -> the fact it names, for the words a question names facts with (colours, shapes
-        and their plurals, sizes, places)."""
+        and their plurals, sizes, places; with ``background``, also the background names and the word
+        "background", whose fact every slot has)."""
         if not hasattr(self, "_facts"):
-            from bunny.data.synthetic.scenes import COLOR_NAMES, SHAPES, SIZES
+            from bunny.data.synthetic.scenes import BACKGROUND_NAMES, COLOR_NAMES, SHAPES, SIZES
 
             words = {w: w for w in (*COLOR_NAMES, *SHAPES, *SIZES, "top", "bottom", "left", "right", "center")}
             words.update({w + "s": w for w in SHAPES})
+            if self.background:
+                words.update({w: w for w in BACKGROUND_NAMES})
+                words["background"] = EVERY_SLOT
             self._facts = {ids[0]: fact for w, fact in words.items() if len(ids := self.word_ids(w)) == 1}
         return self._facts
 
@@ -179,6 +187,8 @@ class SlotCoder:
         - layer 0, head 0: each fact word of a question -> the image slots whose cell has that fact
           (``"circle"`` -> the circles' slots);
         - layer 0, head 1: the last word of a multiple-choice option -> its letter;
+        - layer 0, head 2 (``option_span``), options of several words: that last word -> every word of
+          the option, so "top left" and "bottom left" differ where the answer is matched;
         - layer 1, head 0: the position that predicts a reply -> the question's fact words (the
           options' words left out);
         - last layer, head 0, multiple choice only: that position -> the last word of the right option.
@@ -201,11 +211,13 @@ class SlotCoder:
             question_end = min((lp for lp, _ in opts.values()), default=i)
             for p in range(seg, i):
                 if ids[p] in facts:
-                    slots = [first + k for k, c in enumerate(cells) if facts[ids[p]] in c]
+                    slots = [first + k for k, c in enumerate(cells) if facts[ids[p]] in c or facts[ids[p]] == EVERY_SLOT]
                     if slots:
                         out.append((0, 0, p, slots))
             for letter_pos, text_pos in opts.values():
                 out.append((0, 1, text_pos, [letter_pos]))
+                if self.option_span and text_pos > letter_pos + 2:
+                    out.append((0, 2, text_pos, list(range(letter_pos + 2, text_pos + 1))))
             words = [p for p in range(seg, question_end) if ids[p] in facts]
             if words:
                 out.append((1, 0, i - 1, words))
@@ -371,7 +383,10 @@ def train_language(tok, out_dir: str | Path | None, s: LMSettings, side: int = 3
     from bunny.backbones.ship import FINGERPRINT_STEP, fingerprint
 
     model = build_model(tok, s)
-    coder = SlotCoder(tok, side)
+    if s.lookup_aux and s.option_span and s.heads < 3:
+        raise ValueError(f"lm.option_span supervises attention head 2 of the first layer; lm.heads is {s.heads}: "
+                         "use lm.heads >= 3 or lm.option_span: false")
+    coder = SlotCoder(tok, side, background=s.background_lookup, option_span=s.option_span)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]

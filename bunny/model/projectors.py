@@ -183,6 +183,31 @@ def build_projector(config: Any, vision_dim: int) -> nn.Module:
     return projector_kind(config.projector_type).build(config, vision_dim, int(config.text_config.hidden_size))
 
 
+def output_layer(projector: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` that writes a projector's output: ``projector.output_layer()`` where a
+    registered projector defines it, the projector itself for ``linear``, the last layer of an
+    ``mlp{N}x_gelu``."""
+    own = getattr(projector, "output_layer", None)
+    if callable(own):
+        return own()
+    if isinstance(projector, nn.Linear):
+        return projector
+    if isinstance(projector, nn.Sequential) and len(projector) and isinstance(projector[-1], nn.Linear):
+        return projector[-1]
+    raise ValueError(f"{type(projector).__name__} has no output nn.Linear to initialise (define output_layer() on it)")
+
+
+def zero_output_layer(projector: nn.Module) -> None:
+    """Zero the projector's output layer (weights and bias). Every image token then enters the LLM as
+    the same zero vector, and the layer grows from there along the gradient of the captions rather than
+    from random directions the frozen LLM never saw (the demo's stage 1 measured in docs/demo.md)."""
+    layer = output_layer(projector)
+    with torch.no_grad():
+        layer.weight.zero_()
+        if layer.bias is not None:
+            layer.bias.zero_()
+
+
 def projector_num_tokens(config: Any, n_in: int) -> int:
     """How many tokens ``config.projector_type`` turns ``n_in`` image tokens into (no module is built)."""
     return projector_kind(config.projector_type).num_tokens(config, n_in)

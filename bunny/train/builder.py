@@ -165,6 +165,10 @@ def build_start_model(cfg: TrainConfig, texts_fn, main: bool = True, barrier=lam
     if cfg.projector_from is not None and (cfg.tiny is not None or (cfg.vision_tower and cfg.language_model)):
         load_projector(model, Path(cfg.projector_from))
         base = None
+    elif base is None and cfg.projector_init == "zero_out":
+        from bunny.model.projectors import zero_output_layer
+
+        zero_output_layer(model.mm_projector)  # a resumed run then loads its own projector over it
     if cfg.attn_implementation:
         model.set_attn_implementation(cfg.attn_implementation)
     if cfg.stage == "finetune" and cfg.template and model.config.chat_template != cfg.template:

@@ -89,6 +89,11 @@ class TrainConfig:
     """Random tiny backbones instead of vision_tower/language_model (see TinyBackbones)."""
     projector_type: str = "mlp2x_gelu"
     """linear, mlp{N}x_gelu, identity, avgpool2x2_<projector> (a new projector; ignored for a loaded model)."""
+    projector_init: Literal["default", "zero_out"] = "default"
+    """A new projector's output layer: as the projector type initialises it (Bunny/LLaVA), or zeroed
+    (``zero_out``: every image token starts as the same zero vector and grows along the captions'
+    gradient; on the demo's stage 1 it left the loss plateau within about 50 steps, docs/demo.md).
+    Ignored when the projector is loaded (projector_from, a model folder, a resumed run)."""
     projector_from: Path | None = None
     """Stage-1 output_dir (or its final/ folder, or an mm_projector.safetensors file): the projector to
     start from. When no backbones are named, the stage-1 model folder is the whole starting point."""
