@@ -63,7 +63,7 @@ class ForcedChoice:
         weights = weights.clone()
         weights[:, 0, q] = 0
         weights[:, 0, q, k] = 1
-        values = value.repeat_interleave(module.num_key_value_groups, dim=1)
+        values = self.phi.repeat_kv(value, module.num_key_value_groups)  # as the eager function does
         return torch.matmul(weights, values).transpose(1, 2).contiguous(), weights
 
     def close(self) -> None:
