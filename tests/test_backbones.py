@@ -255,6 +255,46 @@ def test_background_and_option_span_hops():
     assert picks == [["snow"], ["left"]]
 
 
+def test_readout_supervises_only_the_multiple_choice_heads_value_path():
+    """``lm.readout_weight``: at a multiple-choice reply, the last layer's head 0 alone must name the
+    letter. Its gradient reaches that head's value rows and no other head's; a batch with no multiple
+    choice adds nothing; the readout needs the lookup hops it reads (a named error without them)."""
+    from transformers import AutoTokenizer
+
+    from bunny.backbones.language import HeadReadout, SlotCoder, build_model, render_bunny, train_language
+    from bunny.backbones.ship import SHIPPED_DIR
+    from bunny.data.synthetic.scenes import Obj, Scene
+    from bunny.demo import DemoConfig
+
+    tok = AutoTokenizer.from_pretrained(SHIPPED_DIR / DemoConfig().backbones.key() / "tokenizer")
+    s = LMSettings(hidden_size=32, layers=2, heads=4, intermediate_size=64, readout_weight=1.0)
+    model = build_model(tok, s)
+    coder = SlotCoder(tok, 3, background=True, option_span=True)
+    scene = Scene("snow", (Obj("circle", "red", "large", 0, 0),), 3)
+    mc = [{"from": "human", "value": "<image>\nWhat color is the circle?\nA. blue\nB. red\n"
+                                     "Answer with the option's letter."}, {"from": "gpt", "value": "B"}]
+    short = [{"from": "human", "value": "<image>\nWhat color is the circle?"}, {"from": "gpt", "value": "red"}]
+    readout = HeadReadout(model)
+    for conv, has_mc in ((mc, True), (short, False)):
+        ids, labels, slots = coder.encode(render_bunny(conv), scene)
+        targets = [coder.lookup_targets(ids, labels, scene)]
+        ids_t, att, lab, slot_ids = coder.collate([(ids, labels, slots)])
+        model.zero_grad()
+        model(inputs_embeds=coder.embed(model, ids_t, slot_ids), attention_mask=att)
+        loss = readout.loss(lab, targets)
+        if not has_mc:
+            assert loss is None
+            continue
+        assert torch.isfinite(loss) and loss > 0
+        loss.backward()
+        v = model.model.layers[-1].self_attn.v_proj.weight.grad.view(4, 8, 32)  # heads x head_dim x hidden
+        assert v[0].abs().sum() > 0 and v[1:].abs().sum() == 0
+        assert model.model.layers[0].self_attn.v_proj.weight.grad.abs().sum() > 0  # through the option's words
+    with pytest.raises(ValueError, match="lookup_aux"):
+        train_language(tok, None, LMSettings(hidden_size=32, layers=2, heads=4, intermediate_size=64,
+                                             readout_weight=1.0, lookup_aux=0.0), stop_after=1)
+
+
 def test_lookup_loss_is_low_when_attention_is_on_the_targets():
     from bunny.backbones.language import lookup_loss
 

@@ -63,6 +63,7 @@ class LMSettings:
     lookup_balance: bool = True  # each hop kind weighs the same in lookup_loss (multiple choice 0.42 -> 0.56)
     background_lookup: bool = True  # background names are fact words and "background" reads every slot
     option_span: bool = True  # an option's last word also reads its whole text ("top left", not just "left")
+    readout_weight: float = 0.0  # weight of readout_loss (0: off): the multiple-choice hop's head must name the letter
     seed: int = 0
 
 
@@ -302,6 +303,44 @@ def lookup_loss(attentions, targets, balance: bool = False) -> torch.Tensor | No
     return torch.stack([torch.stack(terms).mean() for terms in groups.values()]).mean()
 
 
+class HeadReadout:
+    """The multiple-choice readout supervision (``LMSettings.readout_weight``).
+
+    Measured (docs/demo.md, "Balancing the hops"): lookup supervision teaches the last layer's head 0
+    at a multiple-choice reply to attend to the right option's last word (attention mass 0.73), yet
+    forcing that attention onto the right option moves the right letter only 0.545 -> 0.57: the LM does
+    not read the letter through the head. Here that head's output alone (its slice of the attention
+    output, through the output projection, the final norm and the output layer) must name the reply's
+    letter, so the value path from the option to the letter is trained too.
+
+    Phi's layout: the heads' concatenated outputs enter ``self_attn.dense``; a forward pre-hook keeps them.
+    """
+
+    HEAD = 0
+
+    def __init__(self, model) -> None:
+        cfg = model.config
+        self.model, self.inputs = model, None
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.dense = model.model.layers[-1].self_attn.dense
+        self.dense.register_forward_pre_hook(self._keep)
+
+    def _keep(self, module, args) -> None:
+        self.inputs = args[0]
+
+    def loss(self, labels: torch.Tensor, targets: list) -> torch.Tensor | None:
+        """Cross-entropy of the head's lone logits against the token after each multiple-choice reply
+        position (the last-layer hops of ``SlotCoder.lookup_targets``); None when the batch has none."""
+        where = [(b, q) for b, rows in enumerate(targets) for layer, head, q, _ in rows if (layer, head) == (-1, self.HEAD)]
+        if not where or self.inputs is None:
+            return None
+        rows, cols = torch.tensor([b for b, _ in where]), torch.tensor([q for _, q in where])
+        lo, hi = self.HEAD * self.head_dim, (self.HEAD + 1) * self.head_dim
+        alone = self.inputs[rows, cols, lo:hi] @ self.dense.weight[:, lo:hi].T
+        logits = self.model.lm_head(self.model.model.final_layernorm(alone))
+        return torch.nn.functional.cross_entropy(logits.float(), labels[rows, cols + 1])
+
+
 # ---------------------------------------------------------------------------------------- model
 def build_model(tok, s: LMSettings):
     """Phi-2's architecture (parallel attention/MLP, partial rotary, LayerNorm), scaled down."""
@@ -386,7 +425,11 @@ def train_language(tok, out_dir: str | Path | None, s: LMSettings, side: int = 3
     if s.lookup_aux and s.option_span and s.heads < 3:
         raise ValueError(f"lm.option_span supervises attention head 2 of the first layer; lm.heads is {s.heads}: "
                          "use lm.heads >= 3 or lm.option_span: false")
+    if s.readout_weight and not s.lookup_aux:
+        raise ValueError("lm.readout_weight supervises the multiple-choice hop that lookup supervision finds; "
+                         "it needs lm.lookup_aux > 0")
     coder = SlotCoder(tok, side, background=s.background_lookup, option_span=s.option_span)
+    readout = HeadReadout(model) if s.readout_weight else None
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -405,10 +448,11 @@ def train_language(tok, out_dir: str | Path | None, s: LMSettings, side: int = 3
                         output_attentions=bool(s.lookup_aux))
         loss = out.loss
         aux = lookup_loss(out.attentions, targets, s.lookup_balance) if s.lookup_aux else None
-        if aux is not None:
-            (loss + s.lookup_aux * aux).backward()
-        else:
-            loss.backward()
+        total = loss if aux is None else loss + s.lookup_aux * aux
+        extra = readout.loss(lab, targets) if readout is not None else None
+        if extra is not None:
+            total = total + s.readout_weight * extra
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
