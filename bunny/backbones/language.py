@@ -463,6 +463,7 @@ def train_language(tok, out_dir: str | Path | None, s: LMSettings, side: int = 3
             return {"fingerprint": fingerprint(model)}
         if log and (step % 50 == 0 or step == s.steps - 1):
             aux_text = f" lookup {aux.item():.3f}" if aux is not None else ""
+            aux_text += f" readout {extra.item():.3f}" if extra is not None else ""
             log(f"  lm step {step:4d}/{s.steps} loss {loss.item():.3f}{aux_text} ({time.perf_counter() - t0:.0f} s)")
     seconds = time.perf_counter() - t0
     acc = probe(model, coder, np.random.default_rng(s.seed + 10_000), n=s.probe_questions)
