@@ -522,7 +522,7 @@ def main() -> None:
     p.add_argument("--memory", type=int, default=0, metavar="STEPS",
                    help="instead: RSS over a STEPS-step stage-2 run, per memory setting")
     p.add_argument("--rss-limit-gb", type=float, default=RSS_LIMIT_GB,
-                   help="a variant stops itself above this resident size (the baseline's padded batch 16 needs ~14 GB)")
+                   help="a variant stops itself above this resident size (the baseline's padded batch 16 peaked at 15.8 GB)")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench-smollm2")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bunny.backbones.language import SlotCoder, render_bunny
+from bunny.backbones.language import CHOICE_HOP, SlotCoder, render_bunny
 from bunny.data.synthetic.instruct import conversation
 from bunny.data.synthetic.scenes import sample_scene
 
@@ -51,18 +51,19 @@ class ForcedChoice:
         import transformers.models.phi.modeling_phi as phi
 
         self.phi, self.original = phi, phi.eager_attention_forward
-        self.last = model.config.num_hidden_layers - 1
+        layer, self.head = CHOICE_HOP  # the multiple-choice hop lookup supervision trains
+        self.layer = layer % model.config.num_hidden_layers
         self.at: tuple[int, int] | None = None
         phi.eager_attention_forward = self._forward
 
     def _forward(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         out, weights = self.original(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-        if self.at is None or module.layer_idx != self.last:
+        if self.at is None or module.layer_idx != self.layer:
             return out, weights
         q, k = self.at
         weights = weights.clone()
-        weights[:, 0, q] = 0
-        weights[:, 0, q, k] = 1
+        weights[:, self.head, q] = 0
+        weights[:, self.head, q, k] = 1
         values = self.phi.repeat_kv(value, module.num_key_value_groups)  # as the eager function does
         return torch.matmul(weights, values).transpose(1, 2).contiguous(), weights
 
@@ -98,7 +99,7 @@ def measure(lm_dir: str, questions: int, seed: int, side: int = 3, background: b
         right.append(bool((predicted == wanted[keep]).all()))
         kinds[question_kind(conv[0]["value"])].append(right[-1])
         letters[tok.decode(predicted[:1]).strip()] += 1
-        choose = [(q, keys[0]) for layer, head, q, keys in targets if (layer, head) == (-1, 0)]
+        choose = [(q, keys[0]) for layer, head, q, keys in targets if (layer, head) == CHOICE_HOP]
         if forcer is not None and choose:
             forcer.at = choose[0]
             logits = model(inputs_embeds=coder.embed(model, input_ids, slot_ids), attention_mask=attention).logits

@@ -36,6 +36,7 @@ from bunny.data.templates import IGNORE_INDEX
 # Multiple choice is weighted up: with 7.5% of the conversations the LM (ideal slots) picked the right
 # letter 0.37 of the time; the other skills saturate with far fewer examples (docs/demo.md).
 EVERY_SLOT = "*"  # the fact of a word every image slot has (``"background"``)
+CHOICE_HOP = (-1, 0)  # (layer, head) of the multiple-choice hop: the reply position -> the right option
 SINGLE_KINDS = {"short": 0.2, "yesno": 0.2, "mc": 0.45, "describe": 0.1, "caption": 0.05}
 
 
@@ -224,7 +225,7 @@ class SlotCoder:
                 out.append((1, 0, i - 1, words))
             reply = self.tok.decode([t for t in ids[i:j] if t != self.tok.eos_token_id]).strip()
             if reply in opts:
-                out.append((-1, 0, i - 1, [opts[reply][1]]))
+                out.append((*CHOICE_HOP, i - 1, [opts[reply][1]]))
             seg = i = j
         return out
 
@@ -316,13 +317,12 @@ class HeadReadout:
     Phi's layout: the heads' concatenated outputs enter ``self_attn.dense``; a forward pre-hook keeps them.
     """
 
-    HEAD = 0
-
     def __init__(self, model) -> None:
         cfg = model.config
         self.model, self.inputs = model, None
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.dense = model.model.layers[-1].self_attn.dense
+        layer, self.head = CHOICE_HOP
+        self.dense = model.model.layers[layer].self_attn.dense
         self.dense.register_forward_pre_hook(self._keep)
 
     def _keep(self, module, args) -> None:
@@ -331,11 +331,11 @@ class HeadReadout:
     def loss(self, labels: torch.Tensor, targets: list) -> torch.Tensor | None:
         """Cross-entropy of the head's lone logits against the token after each multiple-choice reply
         position (the last-layer hops of ``SlotCoder.lookup_targets``); None when the batch has none."""
-        where = [(b, q) for b, rows in enumerate(targets) for layer, head, q, _ in rows if (layer, head) == (-1, self.HEAD)]
+        where = [(b, q) for b, rows in enumerate(targets) for layer, head, q, _ in rows if (layer, head) == CHOICE_HOP]
         if not where or self.inputs is None:
             return None
         rows, cols = torch.tensor([b for b, _ in where]), torch.tensor([q for _, q in where])
-        lo, hi = self.HEAD * self.head_dim, (self.HEAD + 1) * self.head_dim
+        lo, hi = self.head * self.head_dim, (self.head + 1) * self.head_dim
         alone = self.inputs[rows, cols, lo:hi] @ self.dense.weight[:, lo:hi].T
         logits = self.model.lm_head(self.model.model.final_layernorm(alone))
         return torch.nn.functional.cross_entropy(logits.float(), labels[rows, cols + 1])
