@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from bunny.model import attention
 from bunny.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,11 @@ def build_start_model(cfg: TrainConfig, texts_fn, main: bool = True, barrier=lam
 
         zero_output_layer(model.mm_projector)  # a resumed run then loads its own projector over it
     if cfg.attn_implementation:
+        if cfg.attn_implementation == attention.NAME:
+            attention.register()
         model.set_attn_implementation(cfg.attn_implementation)
+    else:  # the default: SDPA, with the CPU kernel chosen by length (bunny/model/attention.py says why)
+        attention.use_length_dispatch(model.language_model)
     if cfg.stage == "finetune" and cfg.template and model.config.chat_template != cfg.template:
         # the fine-tuned model is prompted at inference with the template it was trained on
         model.config.chat_template = cfg.template
