@@ -25,7 +25,7 @@ LAYERS = [
     ("finish a model", ["finish.py: processor + template tokens + generation + eval"], "#43aa8b"),
     ("tokens / generation", ["special_tokens.py", "generation.py"], "#4d908e"),
     ("model + processor", ["modeling.py\nBunnyConfig, BunnyForConditionalGeneration", "processing.py\nBunnyProcessor"], "#577590"),
-    ("parts (registries)", ["vision/\nsiglip, clip, eva_clip, s2", "projectors.py", "language.py\n+ minicpm.py"],
+    ("parts (registries)", ["vision/\nsiglip, clip, eva_clip, s2", "projectors.py", "language.py\n+ minicpm.py", "attention.py"],
      "#277da1"),
     ("files, hub, GGUF", ["files.py: JSON, state dicts,\natomic folders", "hub.py: org/name ->\nHF cache / download",
                           "gguf.py: .gguf -> HF folder\n(cached by hash)"], "#6c757d"),
