@@ -59,11 +59,14 @@ def register() -> str:
 def use_length_dispatch(language_model: torch.nn.Module) -> bool:
     """Switch an LLM that runs transformers' SDPA to ``bunny_sdpa``; True if it was switched.
 
-    Only an LLM already on ``sdpa`` changes (same masks, same maths): eager, flash-attention and models
-    whose code does not go through ``AttentionInterface`` are left as they are.
+    Only an LLM already on ``sdpa`` whose code goes through ``AttentionInterface`` changes (same masks, same
+    maths): eager, flash-attention and models with their own attention code are left as they are.
     """
     config = getattr(language_model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    can_set = getattr(language_model, "_can_set_attn_implementation", None)
+    if can_set is None or not can_set():  # e.g. remote code with its own attention classes
         return False
     language_model.set_attn_implementation(register())
     return True
