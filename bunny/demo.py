@@ -49,8 +49,8 @@ ARMS = ("coreset", "raw_pool")
 # A web crawl is noisy: over half of this pool is defective, and two in five of its captions describe
 # another image (35% another scene's caption, 5% a blank image), so what curation removes matters. With
 # a fifth mismatched (15/20/5/15%) the 5,000-step LM read the raw pool's noisier projector almost as well
-# as the coreset's: +0.089 / +0.040 / +0.021 at training seeds 0-2, against +0.31 / +0.50 / +0.07 with
-# this mix (docs/demo.md, "A crawl with more mismatched captions").
+# as the coreset's: +0.089 / +0.040 / +0.021 at training seeds 0-2, against +0.31 / +0.50 / +0.07 / +0.10
+# at seeds 0-3 with this mix (docs/demo.md, "The pool's mix").
 DEMO_DEFECTS = {"near_duplicate": 0.10, "mismatched_caption": 0.35, "blank_image": 0.05, "low_info_caption": 0.05}
 # Instruction data dense in questions: multi-turn conversations carry up to 8 answers per image.
 DEMO_KINDS = {"short": 0.25, "yesno": 0.15, "mc": 0.15, "multi": 0.35, "describe": 0.06, "caption": 0.04}
