@@ -556,12 +556,14 @@ BUNNY_VARIANTS = {
         ("bunny - supervised-only logits", {"loss_on_supervised_only": False}),
         ("bunny + LoRA dropout 0", {"lora": {**LORA, "dropout": 0.0}}),  # a recipe change: labelled, not default
         ("bunny - length-dispatched attention", {"attn_implementation": "sdpa"}),
+        ("bunny - fused element-wise", {"fused_elementwise": False}),
     ],
     "pretrain": [
         ("bunny", {}),
         ("bunny + feature cache (warm)", {"feature_cache": "CACHE"}),
         ("bunny + frozen weights bf16", {"base_dtype": "bfloat16"}),
         ("bunny - length-dispatched attention", {"attn_implementation": "sdpa"}),
+        ("bunny - fused element-wise", {"fused_elementwise": False}),
     ],
 }
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import AutoConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from bunny.data.templates import IGNORE_INDEX
+from bunny.model.fused import cross_entropy_sum
 from bunny.model.language import LLM_FAMILIES, family_for_config, text_config_from_dict
 from bunny.model.projectors import build_projector, projector_num_tokens
 from bunny.model.vision import FEATURE_SELECTS, VISION_ENCODERS, build_vision_encoder
@@ -131,6 +131,10 @@ class BunnyForConditionalGeneration(BunnyPreTrainedModel, GenerationMixin):
     ``language_model`` / ``vision_tower`` may be passed already built (e.g. loaded from pretrained
     folders by ``bunny.model.assemble``); otherwise they are built from the config.
     """
+
+    fused_loss: bool = False
+    """Training's supervised-logits loss through the compiled cross-entropy (bunny/model/fused.py); set by
+    the trainer with ``fused_elementwise``, never saved."""
 
     def __init__(
         self,
@@ -285,11 +289,11 @@ class BunnyForConditionalGeneration(BunnyPreTrainedModel, GenerationMixin):
                 hidden = out.last_hidden_state[keep]
                 logits = None
                 loss = chunked_head_loss(hidden, wanted.to(hidden.device), self.get_output_embeddings(),
-                                         loss_chunk_size)
+                                         loss_chunk_size, self.fused_loss)
             else:
                 out = self.language_model(logits_to_keep=keep, **lm_kwargs)
                 logits = out.logits.reshape(-1, out.logits.shape[-1])
-                loss = F.cross_entropy(logits.float(), wanted.to(logits.device), reduction="sum")
+                loss = cross_entropy_sum(logits, wanted.to(logits.device), self.fused_loss)
             denominator = num_items_in_batch if num_items_in_batch is not None else max(int(keep.sum()), 1)
             if torch.is_tensor(denominator):
                 denominator = denominator.to(loss.device)
@@ -309,14 +313,15 @@ class BunnyForConditionalGeneration(BunnyPreTrainedModel, GenerationMixin):
         )
 
 
-def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int) -> torch.Tensor:
+def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int,
+                      fused: bool = False) -> torch.Tensor:
     """Summed cross-entropy of ``head(hidden)`` against ``targets``, ``chunk`` rows at a time. Each
     chunk is checkpointed: its logits are freed after its loss and recomputed in backward, so memory
     holds one chunk's logits instead of all of them (one extra head matmul is the price)."""
     from torch.utils.checkpoint import checkpoint
 
     def part(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(head(h).float(), t, reduction="sum")
+        return cross_entropy_sum(head(h), t, fused)
 
     total = None
     for start in range(0, max(int(hidden.shape[0]), 1), chunk):

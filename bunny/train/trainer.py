@@ -296,13 +296,34 @@ def _place_model(cfg: TrainConfig, model: Any, dist: DistInfo) -> torch.dtype | 
         model.vision_tower.eval()  # frozen: deterministic features (equal to the feature cache's)
     if cfg.distributed != "fsdp":
         model.to(device)
+    autocast_dtype = _autocast_dtype(cfg, device)
+    if _wants_fusion(cfg, model, device):
+        from bunny.model.fused import fuse_elementwise, fuse_loss
+
+        fuse_elementwise(model.language_model, autocast_dtype)
+        fuse_loss(model, device, autocast_dtype)
     if dist.is_main:
         summary = trainable_summary(model)
         log.info("trainable parameters: %s", ", ".join(f"{k} {v['trainable']:,}/{v['total']:,}"
                                                         for k, v in summary.items()))
     if cfg.packing:
         check_packing(model, device)
-    return _autocast_dtype(cfg, device)
+    return autocast_dtype
+
+
+FUSION_MIN_WIDTH = 512
+"""``fused_elementwise: auto`` fuses LLMs at least this wide: below it (the demo's 128-wide LM, test
+models) the element-wise passes are cheap and the one-off compile would cost more than it saves."""
+
+
+def _wants_fusion(cfg: TrainConfig, model: Any, device: torch.device) -> bool:
+    """auto: a CPU run, one process or DDP (where it was measured; ZeRO-3 and FSDP swap parameters in and
+    out around each forward, which a compiled region was not tested against), of a wide enough LLM."""
+    if cfg.fused_elementwise != "auto":
+        return bool(cfg.fused_elementwise)
+    width = getattr(model.config.text_config, "hidden_size", 0) or 0
+    return (device.type == "cpu" and width >= FUSION_MIN_WIDTH
+            and cfg.distributed not in ("deepspeed", "fsdp"))
 
 
 def _attach_feature_cache(cfg: TrainConfig, model: Any, processor: Any, dataset: Any, dist: DistInfo,
