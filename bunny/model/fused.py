@@ -10,12 +10,13 @@ and the cross-entropy over 704 x 49,152 bf16 logits 374 ms eager against 131 ms 
 copy, a log-softmax, a zero-filled gradient and two more passes, against one loop each way). Compiling
 only these regions (inductor, dynamic shapes) fuses each into one loop forward and one backward;
 compiling whole decoder layers was measured slower than eager (RESULTS.md). Measured on bunny's own step
-with ``benchmarks/bench_fused.py`` (one process, steps interleaved): stage 1 1.23-1.30x, stage 2 1.16x.
+with ``benchmarks/bench_fused.py`` (one process, steps interleaved): stage 1 1.23-1.33x, stage 2 1.16x.
 
 Only modules that compute the standard maths are switched, and each kind is checked once against its
 own eager forward and backward on a random input before it is used; anything else (Gemma's ``1 + w``
-norm, a GELU MLP, remote code that differs) is left as it was. If compilation fails (no C++ compiler
-for inductor, an unsupported backend) nothing is switched and the run goes on eager. The switch is
+norm, remote code that differs) is left as it was, and an MLP whose activation is not SiLU is not
+touched. If compilation fails (no C++ compiler for inductor, an unsupported backend) nothing is
+switched and the run goes on eager. The switch is
 per module instance (its ``forward``) and one model attribute (``fused_loss``); weights, ``state_dict``
 and saving are untouched.
 """
