@@ -61,12 +61,13 @@ def _config(tmp_path: Path, **over) -> Path:
     return path
 
 
-def _torchrun(config: Path, out: Path, *extra: str, timeout: int = 300) -> None:
+def _torchrun(config: Path, out: Path, *extra: str, timeout: int = 300) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "bunny.cli", "train", str(config), f"output_dir={out}", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
 
 
 def _one_process(config: Path, out: Path, *extra: str) -> None:
@@ -74,8 +75,11 @@ def _one_process(config: Path, out: Path, *extra: str) -> None:
 
 
 def test_ddp_two_processes_equal_one(tmp_path):
+    """Also with the fused element-wise kernels on the 2 processes only: DDP's gradient hooks see the
+    compiled regions' gradients, and the weights still equal one eager process's."""
     config = _config(tmp_path)
-    _torchrun(config, tmp_path / "ddp")
+    log = _torchrun(config, tmp_path / "ddp", "fused_elementwise=true")
+    assert "fused element-wise kernels: 5 RMSNorm, 2 SiLU MLP" in log, log[-3000:]  # rank 0 logs it
     _one_process(config, tmp_path / "one")
     assert max_diff(trainable_tensors(tmp_path / "one"), trainable_tensors(tmp_path / "ddp")) <= TOL
     la = [r["loss"] for r in read_metrics(tmp_path / "one")]

@@ -94,6 +94,16 @@ def test_a_norm_with_other_maths_is_left_eager(caplog):
     assert "OffsetRMSNorm" in caplog.text and "differs" in caplog.text
 
 
+def test_an_llm_without_rms_norms_or_silu_gates_is_untouched():
+    """Phi (LayerNorm, fc1/fc2 with GELU): nothing matches, nothing is compiled, nothing changes."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    model = PhiForCausalLM(PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2))
+    assert fuse_elementwise(model) == {}
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
 def test_training_with_fusion_reaches_the_same_weights(tmp_path, caplog):
     """A LoRA run (peft wraps the MLP's Linears) with fusion forced on the tiny LLM, against it off."""
     runs = {}
