@@ -111,7 +111,7 @@ def main() -> None:
           f"_place_model with the check and compile took {place_s:.1f} s")
     print("| variant | total s | median step s | steps (s) | first-batch loss |")
     print("|---|---:|---:|---|---:|")
-    for name, label in (("eager", f"baseline: {args.lever if args.lever != 'all' else 'all'} eager"), ("fused", "fused")):
+    for name, label in (("eager", f"baseline ({args.lever} eager)"), ("fused", "fused")):
         print(f"| {label} | {sum(times[name]):.2f} | {med[name]:.3f} | {' '.join(f'{x:.2f}' for x in times[name])} | {first[name]:.4f} |")
     print(f"\nfused vs eager: {sum(times['eager']) / sum(times['fused']):.2f}x the samples per second "
           f"(same batches; {med['eager'] / med['fused']:.2f}x by median step)")
