@@ -10,7 +10,7 @@ and the cross-entropy over 704 x 49,152 bf16 logits 374 ms eager against 131 ms 
 copy, a log-softmax, a zero-filled gradient and two more passes, against one loop each way). Compiling
 only these regions (inductor, dynamic shapes) fuses each into one loop forward and one backward;
 compiling whole decoder layers was measured slower than eager (RESULTS.md). Measured on bunny's own step
-with ``benchmarks/bench_fused.py`` (one process, steps interleaved): stage 1 1.23-1.33x, stage 2 1.16x.
+with ``benchmarks/bench_fused.py`` (one process, steps interleaved): stage 1 1.23-1.30x, stage 2 1.16x.
 
 Only modules that compute the standard maths are switched, and each kind is checked once against its
 own eager forward and backward on a random input before it is used; anything else (Gemma's ``1 + w``
@@ -27,7 +27,6 @@ import logging
 import time
 import types
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -93,6 +92,16 @@ _KINDS: dict[str, tuple[Callable[[torch.nn.Module], bool], Callable[..., torch.T
 }
 
 
+def _autocast(device_type: str, dtype: torch.dtype | None):
+    """The training run's autocast (off when ``dtype`` is None): checks compile the graph training uses."""
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def _failed(exc: Exception) -> str:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"compilation failed: {type(exc).__name__}: {first}"
+
+
 def _agrees(module: torch.nn.Module, fused: Callable[..., torch.Tensor], autocast_dtype: torch.dtype | None) -> str:
     """'' if the fused forward gives the module's own output and input gradient on a random input, else why not."""
     try:
@@ -105,13 +114,11 @@ def _agrees(module: torch.nn.Module, fused: Callable[..., torch.Tensor], autocas
     probe = None  # a fixed random direction: a norm's plain sum of squares has a near-zero gradient
     was_training = module.training
     module.eval()  # no LoRA dropout: both forwards see the same weights
-    autocast = (torch.autocast(weight.device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else nullcontext())
     outs, grads = [], []
     try:
         for forward in (type(module).forward, fused):
             xi = x.clone().requires_grad_(True)
-            with autocast:
+            with _autocast(weight.device.type, autocast_dtype):
                 y = forward(module, xi)
             if probe is None:
                 probe = torch.randn(y.shape, generator=gen).to(weight.device)
@@ -133,22 +140,20 @@ def fuse_elementwise(model: torch.nn.Module, autocast_dtype: torch.dtype | None 
     """Switch every standard RMSNorm and SiLU-gated MLP of ``model`` to the fused kernels; how many of each.
 
     ``autocast_dtype`` is the training run's autocast (the check runs under it, so the graph compiled
-    for it is the one training uses). A kind whose first module disagrees with its eager forward, or
-    that fails to compile, is left eager (logged)."""
+    for it is the one training uses). A module class whose first module disagrees with its eager
+    forward, or that fails to compile, is left eager (logged)."""
     counts: dict[str, int] = {}
     start = time.perf_counter()
     for kind, (matches, fused) in _KINDS.items():
-        modules = [m for m in model.modules() if matches(m) and "forward" not in vars(m)]
-        if not modules:
-            continue
         by_class: dict[type, list[torch.nn.Module]] = {}
-        for m in modules:
-            by_class.setdefault(type(m), []).append(m)
+        for m in model.modules():
+            if matches(m) and "forward" not in vars(m):  # not switched already
+                by_class.setdefault(type(m), []).append(m)
         for cls, group in by_class.items():
             try:
                 why = _agrees(group[0], fused, autocast_dtype)
             except Exception as exc:  # noqa: BLE001 - inductor needs a C++ compiler; a backend may refuse
-                why = f"compilation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                why = _failed(exc)
             if why:
                 log.warning("fused element-wise kernels: %s (%s) left eager: %s", cls.__name__, kind, why)
                 continue
@@ -167,18 +172,16 @@ def check_fused_loss(device: torch.device, autocast_dtype: torch.dtype | None) -
     gen = torch.Generator().manual_seed(0)
     logits = (torch.randn(6, 1000, generator=gen) * 3).to(device, autocast_dtype or torch.float32)
     targets = torch.randint(0, 1000, (6,), generator=gen).to(device)
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else nullcontext())  # the state training calls it in: one compiled graph, not two
     try:
         results = []
         for fused in (False, True):
             x = logits.clone().requires_grad_(True)
-            with autocast:
+            with _autocast(device.type, autocast_dtype):
                 loss = cross_entropy_sum(x, targets, fused)
             loss.backward()
             results.append((loss.detach(), x.grad.float()))
     except Exception as exc:  # noqa: BLE001 - as in fuse_elementwise
-        return f"compilation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return _failed(exc)
     (loss_a, grad_a), (loss_b, grad_b) = results
     if not torch.allclose(loss_a, loss_b, rtol=1e-4) or not torch.allclose(grad_a, grad_b, rtol=1e-3, atol=1e-4):
         return "loss or gradient differs"
