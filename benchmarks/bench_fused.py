@@ -1,11 +1,15 @@
-"""Fused element-wise kernels (``fused_elementwise``) on bunny's real step: one process, steps interleaved.
+"""bunny's CPU step levers on its real step, one at a time: one process, steps interleaved.
 
-The lever: the LLM's RMSNorms, SiLU-MLP products and the supervised-logits cross-entropy compiled into
-fused kernels (bunny/model/fused.py); the baseline: the same model with the eager forwards.
+The levers: fused element-wise kernels (``fused_elementwise``: the LLM's RMSNorms, SiLU-MLP products and
+the supervised-logits cross-entropy compiled, bunny/model/fused.py), and the grouped attention of
+``bunny_sdpa`` (bunny/model/attention.py). The baseline: the same model with the lever taken back (the
+eager forwards; or, with ``--lever attention``, SDPA's math kernel after ``repeat_kv``, which is what
+``bunny_sdpa`` ran before the grouped path).
 
     .venv/bin/python benchmarks/bench_fused.py                          # stage 1, batch 32, frozen bf16 weights
     .venv/bin/python benchmarks/bench_fused.py --stage finetune --batch 16
     .venv/bin/python benchmarks/bench_fused.py --base-dtype float32
+    .venv/bin/python benchmarks/bench_fused.py --lever attention
 
 Why one process: the lever is 5-20% of a step, and on a shared 2-core machine two runs in separate
 processes minutes apart differ by more than that (RESULTS.md has runs whose baseline step moved from
@@ -38,8 +42,13 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=4, help="distinct batches, cycled")
     p.add_argument("--base-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="frozen weights (the shipped recipe configs use bfloat16)")
-    p.add_argument("--lever", choices=["all", "modules", "loss"], default="all",
-                   help="what the baseline copy takes back: everything, only the norms + MLPs, only the loss")
+    p.add_argument("--lever", choices=["all", "modules", "loss", "rotary", "attention"], default="all",
+                   help="what the baseline copy takes back: all the fusion, only the norms + MLPs + attention "
+                        "blocks, only the loss, only the attention blocks' compiled rotary, or (fusion kept "
+                        "on both) the grouped attention")
+    p.add_argument("--mfu", action="store_true",
+                   help="after each of bunny's steps, probe the bf16 matmul rate at the step's GEMM shapes for "
+                        "~0.5 s, and report bunny's MFU against the probe next to each step")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("/tmp/bench-fused"))
     args = p.parse_args()
@@ -79,14 +88,21 @@ def main() -> None:
     if not model.fused_loss or not any("forward" in vars(m) for m in model.modules()):
         raise SystemExit("nothing was fused: see the warning above (no C++ compiler for inductor?)")
     switched = unfuse_elementwise(eager) if args.lever in ("all", "modules") else 0
-    eager.fused_loss = args.lever == "modules"
+    if args.lever == "rotary":
+        switched = unfuse_elementwise(eager, ("rotary attention",))
+    if args.lever == "attention":  # both with eager rotary; the copy's attention on SDPA's math kernel
+        unfuse_elementwise(model, ("rotary attention",))
+        unfuse_elementwise(eager, ("rotary attention",))
+        eager.language_model.set_attn_implementation(_register_math_kernel())
+    else:
+        eager.fused_loss = args.lever in ("modules", "rotary")
     ds = build_dataset(cfg, samples, issues, processor=processor,
                        template=get_template(cfg.template or model.config.chat_template), dist=dist)
     collate = Collator(int(processor.tokenizer.pad_token_id))
     order = sorted(range(n), key=lambda i: int(ds.lengths[i]))  # similar lengths together, as training's grouping
     batches = [collate([ds[i] for i in order[s:s + args.batch]]) for s in range(0, n, args.batch)]
-    losses = {"fused": LossModule(model, True, autocast, dist.device),
-              "eager": LossModule(eager, True, autocast, dist.device)}
+    losses = {"bunny": LossModule(model, True, autocast, dist.device),
+              "baseline": LossModule(eager, True, autocast, dist.device)}
 
     def step(loss_module: LossModule, b: dict) -> float:
         loss = loss_module(input_ids=b["input_ids"], labels=b["labels"], num_items=b["n_targets"],
@@ -97,24 +113,85 @@ def main() -> None:
         return float(loss.detach())
 
     first = {name: step(lm, batches[0]) for name, lm in losses.items()}  # warm-up (and the graphs' first use)
+    flops = [_step_flops(step, losses["bunny"], b) for b in batches] if args.mfu else []
+    text = model.config.text_config
     times: dict[str, list[float]] = {name: [] for name in losses}
+    mfu: list[tuple[float, float]] = []  # (bunny's FLOP/s in a step, the matmul rate probed right after it)
     for r in range(args.rounds):
         for name, lm in (losses.items() if r % 2 == 0 else reversed(losses.items())):
+            b = batches[r % len(batches)]
             t = time.perf_counter()
-            step(lm, batches[r % len(batches)])
+            step(lm, b)
             times[name].append(time.perf_counter() - t)
+            if args.mfu and name == "bunny":
+                mfu.append((flops[r % len(batches)] / times[name][-1],
+                            _matmul_rate(int(b["input_ids"].numel()), text.hidden_size, text.intermediate_size)))
     tokens = sum(b["input_ids"].numel() for b in batches) / len(batches)
     med = {name: statistics.median(ts) for name, ts in times.items()}
+    differs = ("its attention: SDPA's math kernel after repeat_kv" if args.lever == "attention" else
+               f"{switched} modules and the {'fused' if eager.fused_loss else 'eager'} cross-entropy")
     print(f"\nstage {args.stage}, batch {args.batch} (~{tokens:.0f} tokens a batch, padding included), frozen weights "
-          f"{args.base_dtype}, bf16 autocast, {args.threads} thread(s); the baseline differs by {switched} modules "
-          f"and the {'fused' if eager.fused_loss else 'eager'} cross-entropy; "
+          f"{args.base_dtype}, bf16 autocast, {args.threads} thread(s); the baseline differs by {differs}; "
           f"_place_model with the check and compile took {place_s:.1f} s")
+    label = "SDPA math kernel" if args.lever == "attention" else f"{args.lever} eager"
     print("| variant | total s | median step s | steps (s) | first-batch loss |")
     print("|---|---:|---:|---|---:|")
-    for name, label in (("eager", f"baseline ({args.lever} eager)"), ("fused", "fused")):
-        print(f"| {label} | {sum(times[name]):.2f} | {med[name]:.3f} | {' '.join(f'{x:.2f}' for x in times[name])} | {first[name]:.4f} |")
-    print(f"\nfused vs eager: {sum(times['eager']) / sum(times['fused']):.2f}x the samples per second "
-          f"(same batches; {med['eager'] / med['fused']:.2f}x by median step)")
+    for name, shown in (("baseline", f"baseline ({label})"), ("bunny", "bunny")):
+        print(f"| {shown} | {sum(times[name]):.2f} | {med[name]:.3f} | {' '.join(f'{x:.2f}' for x in times[name])} "
+              f"| {first[name]:.4f} |")
+    print(f"\nbunny vs baseline ({args.lever}): {sum(times['baseline']) / sum(times['bunny']):.2f}x the samples per "
+          f"second (same batches; {med['baseline'] / med['bunny']:.2f}x by median step)")
+    if mfu:
+        each = [rate / peak for rate, peak in mfu]
+        print(f"bunny's MFU against the bf16 matmul rate probed after each of its steps (the step's FLOPs counted "
+              f"with FlopCounterMode, padding included): median {100 * statistics.median(each):.1f}%, "
+              f"range {100 * min(each):.1f}-{100 * max(each):.1f}%; bunny's FLOP/s median "
+              f"{statistics.median(r for r, _ in mfu) / 1e9:.0f} G, probed peak median "
+              f"{statistics.median(p for _, p in mfu) / 1e9:.0f} G (range {min(p for _, p in mfu) / 1e9:.0f}-"
+              f"{max(p for _, p in mfu) / 1e9:.0f} G)")
+
+
+def _step_flops(step, loss_module, batch: dict) -> float:
+    """FLOPs of one forward + backward of ``batch`` (matmuls and attention, as torch counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(loss_module, batch)
+    return float(counter.get_total_flops())
+
+
+def _matmul_rate(tokens: int, hidden: int, intermediate: int, seconds: float = 0.5) -> float:
+    """The best bf16 matmul FLOP/s at a decoder step's GEMM shapes (tokens x hidden x {hidden, intermediate},
+    tokens x intermediate x hidden), probed for about ``seconds``: the host's pace right now."""
+    import torch
+
+    best = 0.0
+    for k, n in ((hidden, hidden), (hidden, intermediate), (intermediate, hidden)):
+        a, b = torch.randn(tokens, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
+        a @ b
+        end = time.perf_counter() + seconds / 3
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            a @ b
+            best = max(best, 2 * tokens * k * n / (time.perf_counter() - t))
+    return best
+
+
+def _register_math_kernel() -> str:
+    """An attention that runs transformers' SDPA forward on PyTorch's math kernel (bunny_sdpa's short path
+    before the grouped one); its registered name."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def math_kernel(module, query, key, value, attention_mask, **kwargs):
+        with sdpa_kernel(SDPBackend.MATH):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("sdpa_math_kernel", math_kernel)
+    AttentionMaskInterface.register("sdpa_math_kernel", sdpa_mask)
+    return "sdpa_math_kernel"
 
 
 if __name__ == "__main__":

@@ -23,6 +23,11 @@ variant costs, wall time what it got), the ratio to the baseline, the fraction o
 peak measured at the step's own GEMM shapes in the same run (useful FLOPs counted with torch's
 FlopCounterMode on bunny's step: the work every variant must do), peak RSS, and a per-phase time
 breakdown of one epoch (data, vision, LM forward, logits/loss, LM backward, optimizer).
+
+The peak is measured before the first variant and again after each one, and each variant's MFU is
+taken against the higher of the two probes around it: this host's bf16 matmul rate moves between
+about 350 and 1,220 GFLOP/s within minutes (RESULTS.md), so a single probe at the start can be taken
+in a fast minute and the steps in a slow one, or the other way round.
 """
 
 from __future__ import annotations
@@ -447,7 +452,7 @@ def worker_peak(spec: dict, out: Path) -> dict:
         b = torch.randn(k, n, dtype=torch.bfloat16)
         for _ in range(2):
             a @ b
-        best, end = 0.0, time.time() + 2.0
+        best, end = 0.0, time.time() + spec.get("seconds", 2.0)
         while time.time() < end:
             t = time.perf_counter()
             a @ b
@@ -575,8 +580,10 @@ def speed_main(args: argparse.Namespace, common: dict) -> None:
                                              "steps": 1, "name": f"flops-{st}"}) for st in stages}
     f0 = flops[stages[0]]
     tokens = int(batch[stages[0]] * f0["tokens_per_sample"])
-    peak = spawn(args, "bf16 peak", {**common, "kind": "peak", "tokens": tokens, "hidden": f0["hidden"],
-                                     "intermediate": f0["intermediate"], "vocab": f0["vocab"]})
+    peak_spec = {**common, "kind": "peak", "tokens": tokens, "hidden": f0["hidden"],
+                 "intermediate": f0["intermediate"], "vocab": f0["vocab"]}
+    peak = spawn(args, "bf16 peak", peak_spec)
+    last_peak = peak["peak"]
     rows, profiles = [], {}
     chosen = None if args.variants == "all" else set(args.variants.split(","))
     for st in stages:
@@ -593,10 +600,12 @@ def speed_main(args: argparse.Namespace, common: dict) -> None:
             if "killed_at_rss_mb" in res:
                 rows.append({"stage": st, "variant": name, "killed": res["killed_at_rss_mb"]})
                 continue
+            after = spawn(args, "bf16 peak", {**peak_spec, "seconds": 1.0})["peak"]
+            around, last_peak = max(last_peak, after), after  # the host's rate when this variant ran
             n = batch[st] * len(res["cpu_s"])
             cpu, wall = sum(res["cpu_s"]), sum(res["wall_s"])
             rows.append({"stage": st, "variant": name, "sps_cpu": n / cpu, "sps_wall": n / wall,
-                         "mfu": flops[st]["flops_per_sample"] * n / wall / peak["peak"],
+                         "mfu": flops[st]["flops_per_sample"] * n / wall / around, "peak_around": around,
                          "peak_rss_mb": res["peak_rss_mb"], "step_wall": statistics.median(res["wall_s"])})
         if st in args.profile_stages.split(","):
             for kind in ("profile_baseline", "profile_bunny"):
@@ -604,12 +613,13 @@ def speed_main(args: argparse.Namespace, common: dict) -> None:
                                                                       "name": f"{st}-{kind}"})
     lines = [f"\nbf16 matmul FLOP/s at the step's shapes ({args.threads} threads): "
              + ", ".join(f"{k} {v / 1e9:.0f} G" for k, v in peak["rates"].items())
-             + f"; peak used: {peak['peak'] / 1e9:.0f} GFLOP/s"]
+             + f"; before the first variant: {peak['peak'] / 1e9:.0f} GFLOP/s (each row's MFU uses the higher probe "
+             "of the two around it, its 'peak' column)"]
     for st in stages:
         lines.append(f"useful FLOPs/sample, {st}: {flops[st]['flops_per_sample'] / 1e9:.1f} G "
                      f"({flops[st]['tokens_per_sample']:.0f} tokens/sample)")
     lines += ["", "| stage | variant | samples/s (wall) | samples/CPU-s | vs baseline (wall) | vs baseline (CPU) | "
-              "median step s | MFU (bf16, wall) | peak RSS MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "median step s | MFU (bf16, wall) | peak GFLOP/s | peak RSS MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for st in stages:
         base = next((r for r in rows if r["stage"] == st and r["variant"].startswith("baseline") and "killed" not in r),
                     None)
@@ -617,12 +627,12 @@ def speed_main(args: argparse.Namespace, common: dict) -> None:
             f"stage 1 (projector, batch {batch[st]})"
         for r in (r for r in rows if r["stage"] == st):
             if "killed" in r:
-                lines.append(f"| {label} | {r['variant']} | stopped at {r['killed']:.0f} MB RSS | | | | | | |")
+                lines.append(f"| {label} | {r['variant']} | stopped at {r['killed']:.0f} MB RSS | | | | | | | |")
                 continue
             vs_w = f"{r['sps_wall'] / base['sps_wall']:.2f}x" if base else "-"
             vs_c = f"{r['sps_cpu'] / base['sps_cpu']:.2f}x" if base else "-"
             lines.append(f"| {label} | {r['variant']} | {r['sps_wall']:.2f} | {r['sps_cpu']:.2f} | {vs_w} | {vs_c} | "
-                         f"{r['step_wall']:.2f} | {100 * r['mfu']:.1f}% | {r['peak_rss_mb']:.0f} |")
+                         f"{r['step_wall']:.2f} | {100 * r['mfu']:.1f}% | {r['peak_around'] / 1e9:.0f} | {r['peak_rss_mb']:.0f} |")
     for (st, kind), prof in profiles.items():
         if "killed_at_rss_mb" not in prof:
             lines += phase_table(f"{st} / {kind.replace('profile_', '')}", prof, batch[st] * prof["steps"])

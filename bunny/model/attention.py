@@ -16,10 +16,19 @@ batch x tokens     fused SDPA   math      math / fused
 2 x 1024           0.86 s      2.37 s    0.36x
 ================  ==========  ========  ===========
 
-So ``bunny_sdpa`` runs the math kernel where the keys are at most ``CPU_MATH_MAX_KV`` long on a CPU
-tensor, and transformers' own ``sdpa_attention_forward`` unchanged everywhere else (GPU included).
+So ``bunny_sdpa`` runs the math kernel's maths where the keys are at most ``CPU_MATH_MAX_KV`` long on a
+CPU tensor, and transformers' own ``sdpa_attention_forward`` unchanged everywhere else (GPU included).
 The masks are SDPA's (registered under the same name), so the two paths compute the same attention:
-only the kernel differs. The name is never saved: transformers drops ``_attn_implementation`` from
+only the kernel differs.
+
+The short path is not PyTorch's math kernel itself but ``grouped_attention``, the same float32 maths
+per key/value head group. Called through transformers, the math kernel first copies every key and value
+head once per query head that shares it (``repeat_kv``: SmolLM2 has 9 query heads on 3 key/value heads),
+then runs a "safe" softmax whose extra passes (``all``, ``isneginf``, ``where``) guard rows with no key
+left. Viewing the 3 query heads of a group as one ``3T x D`` matrix against their shared ``T x D`` keys
+skips both the copies and the guard and gives the matmuls 3x the rows: 1.7-1.8x faster than the math
+kernel at 32 x 46 tokens, 1.1x at 16 x 180 (SmolLM2's attention alone, bf16 inputs, forward +
+backward, one thread), with the kernel's float32 precision. The name is never saved: transformers drops ``_attn_implementation`` from
 ``config.json``, and a reloaded model gets the default again.
 """
 
@@ -34,12 +43,66 @@ CPU_MATH_MAX_KV = 256
 """Longest key length that takes the math kernel on a CPU (parity with the fused kernel near 300)."""
 
 
+_UNSUPPORTED = ("position_bias", "softcap", "s_aux", "sinks")
+"""Keyword arguments the grouped path does not implement: a call with any of them set takes SDPA's math kernel."""
+
+
+def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None,
+                      is_causal: bool = True, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """SDPA's math-kernel attention in float32, one matmul per key/value head group; ``(B, T, H, Dv)`` in
+    ``out_dtype`` (default: the query's).
+
+    ``query`` is ``(B, H, T, D)``, ``key``/``value`` ``(B, Hk, S, D)`` with ``H`` a multiple of ``Hk``;
+    ``attention_mask`` is SDPA's: boolean (True attends) or additive float, ``(B or 1, 1, T, S)``, or None
+    (then causal, aligned top-left like SDPA's ``is_causal``, when ``is_causal``). Query heads ``h`` use
+    key/value head ``h // (H / Hk)``, as ``repeat_kv`` does. Masked scores are set to float32's lowest value,
+    not -inf, so a query row with no key left (padding) averages the values instead of yielding NaN
+    (SDPA's safe softmax gives it zeros); such rows never reach an unmasked one.
+    """
+    b, h, t, d = query.shape
+    hk, s = key.shape[1], key.shape[2]
+    groups = h // hk
+    scale = d ** -0.5 if scaling is None else scaling
+    with torch.autocast(query.device.type, enabled=False):  # float32 matmuls, as the math kernel computes
+        q = query.to(torch.float32, memory_format=torch.contiguous_format).reshape(b, hk, groups * t, d)
+        scores = torch.matmul(q, key.float().transpose(-1, -2)).view(b, hk, groups, t, s) * scale
+        if attention_mask is None and is_causal and t > 1:
+            attention_mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril()
+        if attention_mask is not None:
+            mask = attention_mask.unsqueeze(2) if attention_mask.dim() == 4 else attention_mask
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+            else:
+                scores = scores + mask.float()
+        probs = torch.softmax(scores, dim=-1).view(b, hk, groups * t, s)
+        out = torch.matmul(probs, value.float()).view(b, h, t, value.shape[-1])
+    out, dtype = out.transpose(1, 2), out_dtype or query.dtype
+    return out.to(dtype, memory_format=torch.contiguous_format) if out.dtype != dtype else out.contiguous()
+
+
+def _groupable(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+               attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> bool:
+    """Whether ``grouped_attention`` computes this call exactly as SDPA's math kernel would."""
+    if any(kwargs.get(name) is not None for name in _UNSUPPORTED) or kwargs.get("output_attentions"):
+        return False
+    if kwargs.get("dropout", 0.0) and module.training:
+        return False
+    if query.shape[1] % key.shape[1]:
+        return False
+    return attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
+
+
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if query.device.type == "cpu" and key.shape[-2] <= CPU_MATH_MAX_KV:
+        if _groupable(module, query, key, attention_mask, kwargs):
+            is_causal = kwargs.get("is_causal")
+            is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+            return grouped_attention(query, key, value, attention_mask, kwargs.get("scaling"), is_causal), None
         # entered on every call, so a gradient-checkpointing recompute takes the same kernel
         with sdpa_kernel(SDPBackend.MATH):
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

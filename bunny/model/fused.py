@@ -1,5 +1,6 @@
-"""Fused element-wise kernels: an LLM's RMSNorms, SiLU-gated MLP products and the training loss's
-cross-entropy, each compiled with ``torch.compile`` (only those regions; the matmuls stay eager).
+"""Fused element-wise kernels: an LLM's RMSNorms, SiLU-gated MLP products, Llama-style attention blocks'
+rotary embeddings and the training loss's cross-entropy, each compiled with ``torch.compile`` (only those
+regions; the matmuls stay eager).
 
 Why it exists: on a CPU, a training step of a real-shaped small LLM spends about as long in element-wise
 work as in matmuls. A stage-1 step of SmolLM2-135M (batch 32 x 40 tokens, frozen bf16 weights, bf16
@@ -11,6 +12,10 @@ copy, a log-softmax, a zero-filled gradient and two more passes, against one loo
 only these regions (inductor, dynamic shapes) fuses each into one loop forward and one backward;
 compiling whole decoder layers was measured slower than eager (RESULTS.md). Measured on bunny's own step
 with ``benchmarks/bench_fused.py`` (one process, steps interleaved): stage 1 1.23-1.30x, stage 2 1.16x.
+The attention blocks (on ``bunny_sdpa``) came later: their rotary embedding, ten eager passes over q and k
+forward, is one compiled pass that also writes q and k as the float32 ``(B, H, T, D)`` tensors
+``grouped_attention`` reads (1.09x more in stage 1, ``--lever rotary``). A block hands anything else
+(a KV cache, long keys, attention dropout) to its class's own forward.
 
 Only modules that compute the standard maths are switched, and each kind is checked once against its
 own eager forward and backward on a random input before it is used; anything else (Gemma's ``1 + w``
@@ -23,6 +28,7 @@ and saving are untouched.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import types
@@ -59,9 +65,24 @@ def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
 
 
+def _rotary_heads_first(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's rotary embedding of ``(B, T, H, D)`` projections, in float32, returned as contiguous
+    ``(B, H, T, D)``: one pass over each of q and k (eager makes ten, then the attention a float32 copy)."""
+    cos, sin = cos.float().unsqueeze(2), sin.float().unsqueeze(2)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    return rotate(query).transpose(1, 2).contiguous(), rotate(key).transpose(1, 2).contiguous()
+
+
 def _compiled(name: str) -> Callable[..., torch.Tensor]:
     if name not in _COMPILED:  # one compiled function per kind, shared by every layer (shapes dynamic)
-        fn = {"rms_norm": _rms_norm, "silu_gate": _silu_gate, "cross_entropy_sum": _cross_entropy_sum}[name]
+        fn = {"rms_norm": _rms_norm, "silu_gate": _silu_gate, "cross_entropy_sum": _cross_entropy_sum,
+              "rotary": _rotary_heads_first}[name]
         _COMPILED[name] = torch.compile(fn, dynamic=True)
     return _COMPILED[name]
 
@@ -72,6 +93,32 @@ def _norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.T
 
 def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(_compiled("silu_gate")(self.gate_proj(x), self.up_proj(x)))
+
+
+def _attention_forward(self: torch.nn.Module, hidden_states: torch.Tensor,
+                       position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       attention_mask: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """A Llama-style attention block whose rotary embedding is one compiled pass feeding ``bunny_sdpa``'s
+    grouped float32 attention. Only where that attention would run anyway (a CPU tensor, keys at most
+    ``CPU_MATH_MAX_KV`` long, no KV cache, no attention dropout, an SDPA mask); anything else (generation
+    with a cache, long sequences, another attention implementation) takes the class's own forward."""
+    from bunny.model import attention
+
+    length = hidden_states.shape[-2]
+    if (kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None or position_embeddings is None
+            or hidden_states.device.type != "cpu" or length > attention.CPU_MATH_MAX_KV
+            or self.config._attn_implementation != attention.NAME
+            or (self.training and getattr(self, "attention_dropout", 0.0))
+            or not (attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1))):
+        return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
+    shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+    query = self.q_proj(hidden_states).view(shape)
+    key = self.k_proj(hidden_states).view(shape)
+    value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+    query, key = _compiled("rotary")(query, key, *position_embeddings)
+    out = attention.grouped_attention(query, key, value, attention_mask, self.scaling,
+                                      getattr(self, "is_causal", True), out_dtype=value.dtype)
+    return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1)), None
 
 
 def _is_rms_norm(module: torch.nn.Module) -> bool:
@@ -86,9 +133,40 @@ def _is_silu_mlp(module: torch.nn.Module) -> bool:
             and type(act).__name__ in ("SiLU", "SiLUActivation"))  # torch's, or transformers' ACT2FN["silu"]
 
 
-_KINDS: dict[str, tuple[Callable[[torch.nn.Module], bool], Callable[..., torch.Tensor]]] = {
-    "RMSNorm": (_is_rms_norm, _norm_forward),
-    "SiLU MLP": (_is_silu_mlp, _mlp_forward),
+_OTHER_ATTENTION_MATHS = ("q_norm", "k_norm", "attn_logit_softcapping", "sinks", "qk_norm", "rotary_ndims")
+"""Attributes of attention classes that compute more than Llama's attention: never switched."""
+
+
+def _is_rotary_attention(module: torch.nn.Module) -> bool:
+    from bunny.model import attention
+
+    return (type(module).__name__.endswith("Attention")
+            and all(isinstance(getattr(module, n, None), torch.nn.Module) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            and isinstance(getattr(module, "head_dim", None), int) and isinstance(getattr(module, "scaling", None), float)
+            and all(getattr(module, n, None) is None for n in _OTHER_ATTENTION_MATHS)
+            and getattr(getattr(module, "config", None), "_attn_implementation", None) == attention.NAME)
+
+
+def _call(forward: Callable[..., Any], module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return forward(module, x)
+
+
+def _call_attention(forward: Callable[..., Any], module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An attention block on ``x`` with random rotary angles and a causal mask whose second row is padded."""
+    b, t = x.shape[:2]
+    gen = torch.Generator().manual_seed(1)
+    angles = torch.rand(1, t, module.head_dim // 2, generator=gen) * 6.3  # one row of positions, as usual
+    angles = torch.cat((angles, angles), dim=-1).to(x.device)
+    valid = torch.arange(t)[None] < torch.tensor([[t], [t - 2]])
+    mask = (torch.ones(t, t, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]).to(x.device)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # as the rotary module returns them
+    return forward(module, x, position_embeddings=(cos, sin), attention_mask=mask)[0]
+
+
+_KINDS: dict[str, tuple[Callable[[torch.nn.Module], bool], Callable[..., Any], Callable[..., torch.Tensor]]] = {
+    "RMSNorm": (_is_rms_norm, _norm_forward, _call),
+    "SiLU MLP": (_is_silu_mlp, _mlp_forward, _call),
+    "rotary attention": (_is_rotary_attention, _attention_forward, _call_attention),
 }
 
 
@@ -102,37 +180,60 @@ def _failed(exc: Exception) -> str:
     return f"compilation failed: {type(exc).__name__}: {first}"
 
 
-def _agrees(module: torch.nn.Module, fused: Callable[..., torch.Tensor], autocast_dtype: torch.dtype | None) -> str:
-    """'' if the fused forward gives the module's own output and input gradient on a random input, else why not."""
+def _agrees(module: torch.nn.Module, fused: Callable[..., Any], autocast_dtype: torch.dtype | None,
+            call: Callable[..., torch.Tensor] = _call) -> str:
+    """'' if the fused forward gives the module's own output and input gradient on a random input, else why not.
+
+    In low precision (bf16 autocast or weights) the two round at different places, and where the random
+    input makes the maths ill-conditioned (attention on real weights) both can be far from exact float32
+    maths. So a fused forward that differs from eager by more than a few bf16 ulps still passes if it is
+    no farther than eager from the float32 result of the same module (a float32 copy, no autocast)."""
     try:
         weight = next(module.parameters())
     except StopIteration:
         return "no parameters"
     width = getattr(module, "hidden_size", None) or weight.shape[-1]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 7, int(width), generator=gen).to(weight.device)
-    probe = None  # a fixed random direction: a norm's plain sum of squares has a near-zero gradient
+    # in the weights' dtype, as the residual stream is in training: the graph compiled here is the one used
+    x = torch.randn(2, 7, int(width), generator=gen).to(weight.device, weight.dtype)
+    probe = torch.randn(x.shape, generator=gen).to(weight.device)  # a norm's plain sum of squares has ~0 gradient
+
+    def run(forward: Callable[..., Any], target: torch.nn.Module, inp: torch.Tensor,
+            dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+        xi = inp.clone().requires_grad_(True)
+        with _autocast(weight.device.type, dtype):
+            y = call(forward, target, xi)
+        (y.float() * probe[..., :y.shape[-1]]).sum().backward(inputs=[xi])
+        return y.detach().float(), xi.grad.float()
+
     was_training = module.training
     module.eval()  # no LoRA dropout: both forwards see the same weights
-    outs, grads = [], []
     try:
-        for forward in (type(module).forward, fused):
-            xi = x.clone().requires_grad_(True)
-            with _autocast(weight.device.type, autocast_dtype):
-                y = forward(module, xi)
-            if probe is None:
-                probe = torch.randn(y.shape, generator=gen).to(weight.device)
-            (y.float() * probe).sum().backward(inputs=[xi])
-            outs.append(y.detach().float())
-            grads.append(xi.grad.float())
+        eager, ours = run(type(module).forward, module, x, autocast_dtype), run(fused, module, x, autocast_dtype)
+        exact = autocast_dtype is None and x.dtype == torch.float32
+        # bf16 autocast rounds the eager path per op and the fused path once: allow a few bf16 ulps
+        rtol = 1e-4 if exact else 3e-2
+        close = all(torch.allclose(a, b, rtol=rtol, atol=rtol * float(a.abs().max().clamp_min(1e-6)))
+                    for a, b in zip(eager, ours))
+        if close:
+            return ""
+        if exact:
+            reference = None
+        else:
+            copy32 = copy.deepcopy(module).float()
+            reference = run(type(module).forward, copy32, x.float(), None)
     finally:
         module.train(was_training)
-    # bf16 autocast rounds the eager path per op and the fused path once: allow a few bf16 ulps
-    rtol = 1e-4 if autocast_dtype is None else 3e-2
-    for name, (a, b) in {"output": outs, "input gradient": grads}.items():
-        scale = a.abs().max().clamp_min(1e-6)
-        if not torch.allclose(a, b, rtol=rtol, atol=rtol * float(scale)):
-            return f"{name} differs (max {float((a - b).abs().max()):.3g} at scale {float(scale):.3g})"
+    for name, a, b, r in zip(("output", "input gradient"), eager, ours, reference or (None, None)):
+        scale = float(a.abs().max().clamp_min(1e-6))
+        if r is None:
+            if not torch.allclose(a, b, rtol=rtol, atol=rtol * scale):
+                return f"{name} differs (max {float((a - b).abs().max()):.3g} at scale {scale:.3g})"
+            continue
+        err_eager, err_ours = float((a - r).abs().max()), float((b - r).abs().max())
+        if err_ours > 1.25 * err_eager + 1e-6 * scale:
+            return (f"{name} differs from float32 maths more than eager does ({err_ours:.3g} against "
+                    f"{err_eager:.3g} at scale {scale:.3g})")
     return ""
 
 
@@ -144,14 +245,14 @@ def fuse_elementwise(model: torch.nn.Module, autocast_dtype: torch.dtype | None 
     forward, or that fails to compile, is left eager (logged)."""
     counts: dict[str, int] = {}
     start = time.perf_counter()
-    for kind, (matches, fused) in _KINDS.items():
+    for kind, (matches, fused, call) in _KINDS.items():
         by_class: dict[type, list[torch.nn.Module]] = {}
         for m in model.modules():
             if matches(m) and "forward" not in vars(m):  # not switched already
                 by_class.setdefault(type(m), []).append(m)
         for cls, group in by_class.items():
             try:
-                why = _agrees(group[0], fused, autocast_dtype)
+                why = _agrees(group[0], fused, autocast_dtype, call)
             except Exception as exc:  # noqa: BLE001 - inductor needs a C++ compiler; a backend may refuse
                 why = _failed(exc)
             if why:
@@ -170,8 +271,9 @@ def check_fused_loss(device: torch.device, autocast_dtype: torch.dtype | None) -
     """'' if the compiled cross-entropy gives eager's loss and logit gradient on random logits (in the
     dtype the head makes under ``autocast_dtype``), else why not (a failed compile included)."""
     gen = torch.Generator().manual_seed(0)
-    logits = (torch.randn(6, 1000, generator=gen) * 3).to(device, autocast_dtype or torch.float32)
-    targets = torch.randint(0, 1000, (6,), generator=gen).to(device)
+    # wider than 4,096 like an LLM's vocabulary: inductor specialises its kernel on that side of 4,096
+    logits = (torch.randn(6, 8192, generator=gen) * 3).to(device, autocast_dtype or torch.float32)
+    targets = torch.randint(0, 8192, (6,), generator=gen).to(device)
     try:
         results = []
         for fused in (False, True):
@@ -199,12 +301,14 @@ def fuse_loss(model: torch.nn.Module, device: torch.device, autocast_dtype: torc
     return not why
 
 
-def unfuse_elementwise(model: torch.nn.Module) -> int:
-    """Give every switched module its class's forward back; how many were switched."""
+def unfuse_elementwise(model: torch.nn.Module, kinds: tuple[str, ...] | None = None) -> int:
+    """Give every switched module (of ``kinds``, names of ``_KINDS``; default all) its class's forward back;
+    how many were switched."""
+    fused = {spec[1] for kind, spec in _KINDS.items() if kinds is None or kind in kinds}
     n = 0
     for m in model.modules():
         forward: Any = vars(m).get("forward")
-        if isinstance(forward, types.MethodType) and forward.__func__ in (_norm_forward, _mlp_forward):
+        if isinstance(forward, types.MethodType) and forward.__func__ in fused:
             del m.forward
             n += 1
     return n

@@ -107,11 +107,12 @@ class TrainConfig:
     """Chat template: plain (default for pretrain) or the LLM family's (bunny, phi3, llama3, ...)."""
     attn_implementation: str | None = None
     """Unset (default): the LLM's SDPA as ``bunny_sdpa``, which on a CPU runs short sequences (keys <= 256)
-    through the math kernel, 1.5-2x faster to train there (bunny/model/attention.py); or exactly one of
-    sdpa, eager, flash_attention_2, bunny_sdpa."""
+    through the math kernel's float32 maths per key/value head group, 1.5-2x faster to train there
+    (bunny/model/attention.py); or exactly one of sdpa, eager, flash_attention_2, bunny_sdpa."""
     fused_elementwise: bool | Literal["auto"] = "auto"
-    """Compile only the LLM's RMSNorms, SiLU-gated MLP products and the loss's cross-entropy into fused
-    kernels (matmuls stay eager; bunny/model/fused.py). auto = on for a CPU run (one process or DDP) of
+    """Compile only the LLM's RMSNorms, SiLU-gated MLP products, attention blocks' rotary embeddings (on
+    ``bunny_sdpa``, CPU) and the loss's cross-entropy into fused kernels (matmuls stay eager;
+    bunny/model/fused.py). auto = on for a CPU run (one process or DDP) of
     an LLM at least 512 wide, where the one-off compile (5-25 s) pays back within a few steps; true also
     on a GPU (inductor + triton), DeepSpeed or FSDP, none of them measured here."""
     trust_remote_code: bool = False
