@@ -10,6 +10,7 @@ eager forwards; or, with ``--lever attention``, SDPA's math kernel after ``repea
     .venv/bin/python benchmarks/bench_fused.py --stage finetune --batch 16
     .venv/bin/python benchmarks/bench_fused.py --base-dtype float32
     .venv/bin/python benchmarks/bench_fused.py --lever attention
+    .venv/bin/python benchmarks/bench_fused.py --mfu                    # + MFU against the rate probed per step
 
 Why one process: the lever is 5-20% of a step, and on a shared 2-core machine two runs in separate
 processes minutes apart differ by more than that (RESULTS.md has runs whose baseline step moved from
@@ -19,6 +20,11 @@ processes minutes apart differ by more than that (RESULTS.md has runs whose base
 alternating step by step (forward + backward of ``LossModule``, the trainer's loss), so both meet the same
 machine. Printed: each one's median step, the ratio, the loss of each on the first batch (same weights:
 they agree to bf16 rounding), and the one-off cost of checking and compiling.
+
+``--mfu``: this host's bf16 matmul rate moves 3x from one minute to the next (RESULTS.md), so a peak
+probed once per run says little about the minute a step ran in. Here the rate is probed for ~0.5 s at the
+step's own GEMM shapes right after each of bunny's steps, and each step's FLOP/s (FlopCounterMode on that
+batch) is divided by the probe next to it; the fastest probe of the run is printed too.
 """
 
 from __future__ import annotations
