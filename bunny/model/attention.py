@@ -28,8 +28,12 @@ then runs a "safe" softmax whose extra passes (``all``, ``isneginf``, ``where``)
 left. Viewing the 3 query heads of a group as one ``3T x D`` matrix against their shared ``T x D`` keys
 skips both the copies and the guard and gives the matmuls 3x the rows: 1.7-1.8x faster than the math
 kernel at 32 x 46 tokens, 1.1x at 16 x 180 (SmolLM2's attention alone, bf16 inputs, forward +
-backward, one thread), with the kernel's float32 precision. The name is never saved: transformers drops ``_attn_implementation`` from
-``config.json``, and a reloaded model gets the default again.
+backward, one thread), with the kernel's float32 precision. Its cost grows with keys x queries while
+the fused kernel skips the masked half of a causal attention, so the threshold was measured again for
+the grouped path (6 SmolLM2 layers, forward + input-gradient backward, one thread, interleaved in one
+process): grouped / fused kernel 1.26x at 32 x 128, 1.18x at 16 x 176, 1.08x at 8 x 176, then 0.95x at
+16 x 192, 0.91x at 4 x 192, 0.69-0.90x at 256 keys. The name is never saved: transformers drops
+``_attn_implementation`` from ``config.json``, and a reloaded model gets the default again.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ from typing import Any
 import torch
 
 NAME = "bunny_sdpa"
-CPU_MATH_MAX_KV = 256
-"""Longest key length that takes the math kernel on a CPU (parity with the fused kernel near 300)."""
+CPU_MATH_MAX_KV = 176
+"""Longest key length that takes the grouped float32 path on a CPU (the fused kernel wins from 192 keys at
+every batch size measured; 256 until the grouped path replaced the math kernel itself)."""
 
 
 _UNSUPPORTED = ("position_bias", "softcap", "s_aux", "sinks")

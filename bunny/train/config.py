@@ -106,7 +106,7 @@ class TrainConfig:
     template: str | None = None
     """Chat template: plain (default for pretrain) or the LLM family's (bunny, phi3, llama3, ...)."""
     attn_implementation: str | None = None
-    """Unset (default): the LLM's SDPA as ``bunny_sdpa``, which on a CPU runs short sequences (keys <= 256)
+    """Unset (default): the LLM's SDPA as ``bunny_sdpa``, which on a CPU runs short sequences (keys <= 176)
     through the math kernel's float32 maths per key/value head group, 1.5-2x faster to train there
     (bunny/model/attention.py); or exactly one of sdpa, eager, flash_attention_2, bunny_sdpa."""
     fused_elementwise: bool | Literal["auto"] = "auto"
