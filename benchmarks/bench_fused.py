@@ -130,8 +130,9 @@ def main() -> None:
             step(lm, b)
             times[name].append(time.perf_counter() - t)
             if args.mfu and name == "bunny":
-                mfu.append((flops[r % len(batches)] / times[name][-1],
-                            _matmul_rate(int(b["input_ids"].numel()), text.hidden_size, text.intermediate_size)))
+                m, h, i = int(b["input_ids"].numel()), text.hidden_size, text.intermediate_size
+                rates = smol.matmul_rates({"qo": (m, h, h), "up": (m, h, i), "down": (m, i, h)}, 0.5 / 3)
+                mfu.append((flops[r % len(batches)] / times[name][-1], max(rates.values())))
     tokens = sum(b["input_ids"].numel() for b in batches) / len(batches)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     differs = ("its attention: SDPA's math kernel after repeat_kv" if args.lever == "attention" else
@@ -164,23 +165,6 @@ def _step_flops(step, loss_module, batch: dict) -> float:
     with FlopCounterMode(display=False) as counter:
         step(loss_module, batch)
     return float(counter.get_total_flops())
-
-
-def _matmul_rate(tokens: int, hidden: int, intermediate: int, seconds: float = 0.5) -> float:
-    """The best bf16 matmul FLOP/s at a decoder step's GEMM shapes (tokens x hidden x {hidden, intermediate},
-    tokens x intermediate x hidden), probed for about ``seconds``: the host's pace right now."""
-    import torch
-
-    best = 0.0
-    for k, n in ((hidden, hidden), (hidden, intermediate), (intermediate, hidden)):
-        a, b = torch.randn(tokens, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
-        a @ b
-        end = time.perf_counter() + seconds / 3
-        while time.perf_counter() < end:
-            t = time.perf_counter()
-            a @ b
-            best = max(best, 2 * tokens * k * n / (time.perf_counter() - t))
-    return best
 
 
 def _register_math_kernel() -> str:

@@ -436,6 +436,26 @@ def worker_flops(spec: dict, out: Path) -> dict:
             "hidden": int(text.hidden_size), "intermediate": int(text.intermediate_size), "vocab": int(text.vocab_size)}
 
 
+def matmul_rates(shapes: dict[str, tuple[int, int, int]], seconds: float) -> dict[str, float]:
+    """The best bf16 FLOP/s of an (m x k) @ (k x n) matmul per named shape, each probed for ``seconds``."""
+    import torch
+
+    rates = {}
+    for name, (m, k, n) in shapes.items():
+        a = torch.randn(m, k, dtype=torch.bfloat16)
+        b = torch.randn(k, n, dtype=torch.bfloat16)
+        for _ in range(2):
+            a @ b
+        best, end = 0.0, time.time() + seconds
+        while time.time() < end:
+            t = time.perf_counter()
+            a @ b
+            dt = time.perf_counter() - t
+            best = max(best, 2 * m * k * n / dt)
+        rates[name] = best
+    return rates
+
+
 def worker_peak(spec: dict, out: Path) -> dict:
     """bf16 matmul FLOP/s at the step's own GEMM shapes (tokens x hidden x {hidden, intermediate,
     vocab}) and at 2048^3, same threads; the best of them is the peak the step is measured against."""
@@ -446,19 +466,7 @@ def worker_peak(spec: dict, out: Path) -> dict:
     shapes = {"2048^3": (2048, 2048, 2048), f"{tokens}x{h}x{h}": (tokens, h, h),
               f"{tokens}x{h}x{i}": (tokens, h, i), f"{tokens}x{i}x{h}": (tokens, i, h),
               f"{tokens // 4}x{h}x{v} (logits)": (tokens // 4, h, v)}
-    rates = {}
-    for name, (m, k, n) in shapes.items():
-        a = torch.randn(m, k, dtype=torch.bfloat16)
-        b = torch.randn(k, n, dtype=torch.bfloat16)
-        for _ in range(2):
-            a @ b
-        best, end = 0.0, time.time() + spec.get("seconds", 2.0)
-        while time.time() < end:
-            t = time.perf_counter()
-            a @ b
-            dt = time.perf_counter() - t
-            best = max(best, 2 * m * k * n / dt)
-        rates[name] = best
+    rates = matmul_rates(shapes, spec.get("seconds", 2.0))
     return {"rates": rates, "peak": max(rates.values())}
 
 

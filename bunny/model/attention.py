@@ -86,14 +86,18 @@ def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return out.to(dtype, memory_format=torch.contiguous_format) if out.dtype != dtype else out.contiguous()
 
 
-def _groupable(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-               attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> bool:
-    """Whether ``grouped_attention`` computes this call exactly as SDPA's math kernel would."""
+def short_on_cpu(device: torch.device, key_length: int) -> bool:
+    """Whether ``bunny_sdpa`` keeps a call off the fused kernel: a CPU tensor with at most ``CPU_MATH_MAX_KV`` keys."""
+    return device.type == "cpu" and key_length <= CPU_MATH_MAX_KV
+
+
+def groupable(module: torch.nn.Module, attention_mask: torch.Tensor | None, dropout: float,
+              kwargs: dict[str, Any]) -> bool:
+    """Whether ``grouped_attention`` computes this call as SDPA's math kernel would: no attention dropout
+    while training, none of ``_UNSUPPORTED``, an SDPA mask shared by all heads (or none)."""
     if any(kwargs.get(name) is not None for name in _UNSUPPORTED) or kwargs.get("output_attentions"):
         return False
-    if kwargs.get("dropout", 0.0) and module.training:
-        return False
-    if query.shape[1] % key.shape[1]:
+    if dropout and module.training:
         return False
     return attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
 
@@ -103,8 +107,8 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if query.device.type == "cpu" and key.shape[-2] <= CPU_MATH_MAX_KV:
-        if _groupable(module, query, key, attention_mask, kwargs):
+    if short_on_cpu(query.device, key.shape[-2]):
+        if query.shape[1] % key.shape[1] == 0 and groupable(module, attention_mask, kwargs.get("dropout", 0.0), kwargs):
             is_causal = kwargs.get("is_causal")
             is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
             return grouped_attention(query, key, value, attention_mask, kwargs.get("scaling"), is_causal), None

@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from bunny.model import attention
+
 log = logging.getLogger(__name__)
 
 _COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
@@ -102,14 +104,10 @@ def _attention_forward(self: torch.nn.Module, hidden_states: torch.Tensor,
     grouped float32 attention. Only where that attention would run anyway (a CPU tensor, keys at most
     ``CPU_MATH_MAX_KV`` long, no KV cache, no attention dropout, an SDPA mask); anything else (generation
     with a cache, long sequences, another attention implementation) takes the class's own forward."""
-    from bunny.model import attention
-
-    length = hidden_states.shape[-2]
     if (kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None or position_embeddings is None
-            or hidden_states.device.type != "cpu" or length > attention.CPU_MATH_MAX_KV
             or self.config._attn_implementation != attention.NAME
-            or (self.training and getattr(self, "attention_dropout", 0.0))
-            or not (attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1))):
+            or not attention.short_on_cpu(hidden_states.device, hidden_states.shape[-2])
+            or not attention.groupable(self, attention_mask, getattr(self, "attention_dropout", 0.0), kwargs)):
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
     shape = (*hidden_states.shape[:-1], -1, self.head_dim)
     query = self.q_proj(hidden_states).view(shape)
@@ -138,8 +136,6 @@ _OTHER_ATTENTION_MATHS = ("q_norm", "k_norm", "attn_logit_softcapping", "sinks",
 
 
 def _is_rotary_attention(module: torch.nn.Module) -> bool:
-    from bunny.model import attention
-
     return (type(module).__name__.endswith("Attention")
             and all(isinstance(getattr(module, n, None), torch.nn.Module) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
             and isinstance(getattr(module, "head_dim", None), int) and isinstance(getattr(module, "scaling", None), float)
@@ -213,24 +209,20 @@ def _agrees(module: torch.nn.Module, fused: Callable[..., Any], autocast_dtype: 
         exact = autocast_dtype is None and x.dtype == torch.float32
         # bf16 autocast rounds the eager path per op and the fused path once: allow a few bf16 ulps
         rtol = 1e-4 if exact else 3e-2
-        close = all(torch.allclose(a, b, rtol=rtol, atol=rtol * float(a.abs().max().clamp_min(1e-6)))
-                    for a, b in zip(eager, ours))
-        if close:
-            return ""
-        if exact:
-            reference = None
-        else:
-            copy32 = copy.deepcopy(module).float()
-            reference = run(type(module).forward, copy32, x.float(), None)
+        scales = [float(a.abs().max().clamp_min(1e-6)) for a in eager]
+        close = [torch.allclose(a, b, rtol=rtol, atol=rtol * sc) for a, b, sc in zip(eager, ours, scales)]
+        reference = None
+        if not all(close) and not exact:
+            reference = run(type(module).forward, copy.deepcopy(module).float(), x.float(), None)
     finally:
         module.train(was_training)
-    for name, a, b, r in zip(("output", "input gradient"), eager, ours, reference or (None, None)):
-        scale = float(a.abs().max().clamp_min(1e-6))
-        if r is None:
-            if not torch.allclose(a, b, rtol=rtol, atol=rtol * scale):
-                return f"{name} differs (max {float((a - b).abs().max()):.3g} at scale {scale:.3g})"
+    for i, name in enumerate(("output", "input gradient")):
+        a, b, scale = eager[i], ours[i], scales[i]
+        if close[i]:
             continue
-        err_eager, err_ours = float((a - r).abs().max()), float((b - r).abs().max())
+        if reference is None:
+            return f"{name} differs (max {float((a - b).abs().max()):.3g} at scale {scale:.3g})"
+        err_eager, err_ours = float((a - reference[i]).abs().max()), float((b - reference[i]).abs().max())
         if err_ours > 1.25 * err_eager + 1e-6 * scale:
             return (f"{name} differs from float32 maths more than eager does ({err_ours:.3g} against "
                     f"{err_eager:.3g} at scale {scale:.3g})")
