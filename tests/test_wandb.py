@@ -5,6 +5,7 @@ names are refused with the list of known ones."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -55,10 +56,28 @@ def wandb_records(path: Path):
             yield record
 
 
+def wait_for_exit_record(path: Path, timeout: float = 30.0) -> None:
+    """Wait until W&B's service has written the run's ``exit`` record. ``wandb.finish()`` returns
+    before the service process has flushed the log's tail: read at once, a run log had been seen
+    without its last history row (1 read in 12 lacked the exit record, measured)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if any(r.WhichOneof("record_type") == "exit" for r in wandb_records(path)):
+                return
+        except Exception:  # a chunk still being written: read again
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path}: no exit record {timeout:.0f} s after wandb.finish()")
+        time.sleep(0.05)
+
+
 def read_offline_run(run_dir: Path) -> tuple[str, dict, list[dict]]:
     """(run id, config, history rows) of the one offline W&B run under ``run_dir/wandb``."""
     logs = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert logs, f"no offline W&B run under {run_dir / 'wandb'}: {sorted(p.name for p in run_dir.iterdir())}"
+    for log in logs:
+        wait_for_exit_record(log)
     run_id, config, rows = None, {}, []
     for log in logs:
         for rec in wandb_records(log):
