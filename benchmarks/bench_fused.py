@@ -5,13 +5,15 @@ the supervised-logits cross-entropy compiled, bunny/model/fused.py), and the gro
 ``bunny_sdpa`` (bunny/model/attention.py). The baseline: the same model with the lever taken back (the
 eager forwards; or, with ``--lever attention``, SDPA's math kernel after ``repeat_kv``, which is what
 ``bunny_sdpa`` ran before the grouped path; with ``--lever lora-dropout``, peft's LoRA dropout with its
-float32 input cast, where bunny drops out in lora_A's compute dtype, bunny/train/lora_dropout.py).
+float32 input cast, where bunny drops out in lora_A's compute dtype, bunny/model/lora_dropout.py; with
+``--lever lora-linear``, peft's LoRA Linear forward, where bunny adds the LoRA product in one ``addmm``).
 
     .venv/bin/python benchmarks/bench_fused.py                          # stage 1, batch 32, frozen bf16 weights
     .venv/bin/python benchmarks/bench_fused.py --stage finetune --batch 16
     .venv/bin/python benchmarks/bench_fused.py --base-dtype float32
     .venv/bin/python benchmarks/bench_fused.py --lever attention
     .venv/bin/python benchmarks/bench_fused.py --lever lora-dropout --stage finetune --batch 16
+    .venv/bin/python benchmarks/bench_fused.py --lever lora-linear --stage finetune --batch 16
     .venv/bin/python benchmarks/bench_fused.py --mfu                    # + MFU against the rate probed per step
 
 Why one process: the lever is 5-20% of a step, and on a shared 2-core machine two runs in separate
@@ -50,7 +52,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=4, help="distinct batches, cycled")
     p.add_argument("--base-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="frozen weights (the shipped recipe configs use bfloat16)")
-    p.add_argument("--lever", choices=["all", "modules", "loss", "rotary", "attention", "lora-dropout"], default="all",
+    p.add_argument("--lever", choices=["all", "modules", "loss", "rotary", "attention", "lora-dropout", "lora-linear"],
+                   default="all",
                    help="what the baseline copy takes back: all the fusion, only the norms + MLPs + attention "
                         "blocks, only the loss, only the attention blocks' compiled rotary, or (fusion kept "
                         "on both) the grouped attention")
@@ -69,11 +72,11 @@ def main() -> None:
     from bunny.data.templates import get_template
     from bunny.model.fused import unfuse_elementwise
     from bunny.model.gguf import gguf_to_folder
+    from bunny.model.lora_dropout import use_peft_dropout
     from bunny.train.builder import build_start_model
     from bunny.train.data import build_dataset, texts_of
     from bunny.train.distributed import setup
     from bunny.train.engines import LossModule
-    from bunny.train.lora_dropout import use_peft_dropout
     from bunny.train.trainer import _place_model
 
     logging.basicConfig(level=logging.WARNING)
@@ -97,10 +100,14 @@ def main() -> None:
     if not model.fused_loss or not any("forward" in vars(m) for m in model.modules()):
         raise SystemExit("nothing was fused: see the warning above (no C++ compiler for inductor?)")
     switched = unfuse_elementwise(eager) if args.lever in ("all", "modules") else 0
-    if args.lever == "lora-dropout":  # the copy with peft's float32 round trip; both fused alike
-        if args.stage != "finetune":
-            raise SystemExit("--lever lora-dropout needs --stage finetune (LoRA)")
+    if args.lever.startswith("lora") and args.stage != "finetune":
+        raise SystemExit(f"--lever {args.lever} needs --stage finetune (LoRA)")
+    if args.lever == "lora-dropout":  # the copy with peft's dropout; both on peft's LoRA forward
+        unfuse_elementwise(model, ("LoRA Linear",))
+        unfuse_elementwise(eager, ("LoRA Linear",))
         switched = use_peft_dropout(eager)
+    if args.lever == "lora-linear":  # the copy on peft's LoRA forward; both with bunny's dropout
+        switched = unfuse_elementwise(eager, ("LoRA Linear",))
     if args.lever == "rotary":
         switched = unfuse_elementwise(eager, ("rotary attention",))
     if args.lever == "attention":  # both with eager rotary; the copy's attention on SDPA's math kernel
@@ -108,7 +115,7 @@ def main() -> None:
         unfuse_elementwise(eager, ("rotary attention",))
         eager.language_model.set_attn_implementation(_register_math_kernel())
     else:
-        eager.fused_loss = args.lever in ("modules", "rotary", "lora-dropout")
+        eager.fused_loss = args.lever in ("modules", "rotary", "lora-dropout", "lora-linear")
     ds = build_dataset(cfg, samples, issues, processor=processor,
                        template=get_template(cfg.template or model.config.chat_template), dist=dist)
     collate = Collator(int(processor.tokenizer.pad_token_id))
@@ -145,11 +152,13 @@ def main() -> None:
     differs = ("its attention: SDPA's math kernel after repeat_kv" if args.lever == "attention" else
                f"peft's dropout and float32 input cast in its {switched} LoRA adapters"
                if args.lever == "lora-dropout" else
+               f"peft's forward in its {switched} LoRA Linears" if args.lever == "lora-linear" else
                f"{switched} modules and the {'fused' if eager.fused_loss else 'eager'} cross-entropy")
     print(f"\nstage {args.stage}, batch {args.batch} (~{tokens:.0f} tokens a batch, padding included), frozen weights "
           f"{args.base_dtype}, bf16 autocast, {args.threads} thread(s); the baseline differs by {differs}; "
           f"_place_model with the check and compile took {place_s:.1f} s")
-    label = {"attention": "SDPA math kernel", "lora-dropout": "peft's LoRA dropout"}.get(args.lever,
+    label = {"attention": "SDPA math kernel", "lora-dropout": "peft's LoRA dropout",
+             "lora-linear": "peft's LoRA forward"}.get(args.lever,
                                                                                        f"{args.lever} eager")
     print("| variant | total s | median step s | steps (s) | first-batch loss |")
     print("|---|---:|---:|---|---:|")

@@ -165,7 +165,8 @@ def test_training_with_fusion_reaches_the_same_weights(tmp_path, caplog):
             # the fused run also recomputes its blocks (gradient checkpointing): same loss either way
             run(tiny_cfg(out, stage="finetune", max_steps=3, fused_elementwise=on, gradient_checkpointing=on))
         runs[on] = out
-        assert ("fused element-wise kernels: 5 RMSNorm, 2 SiLU MLP, 2 rotary attention" in caplog.text) == on
+        assert ("fused element-wise kernels: 5 RMSNorm, 2 SiLU MLP, 2 rotary attention, 14 LoRA Linear"
+                in caplog.text) == on
         assert ("fused cross-entropy: on" in caplog.text) == on
         assert "left eager" not in caplog.text
     loss = {on: [r["loss"] for r in read_metrics(out) if "loss" in r] for on, out in runs.items()}

@@ -1,4 +1,4 @@
-"""LoRA dropout with cheap masks in lora_A's compute dtype (bunny/train/lora_dropout.py): the masks
+"""LoRA dropout with cheap masks in lora_A's compute dtype (bunny/model/lora_dropout.py): the masks
 keep each element with the stated probability, independently, reproducibly from the seed; kept
 values are the float32 maths rounded once; a peft LoRA Llama trains like with peft's dropout, and
 gradient checkpointing replays the same masks; eval, dropout 0 and the slow path are peft's own
@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bunny.train.lora_dropout import (
+from bunny.model.lora_dropout import (
     MIN_FAST_P,
     ComputeDtypeDropout,
     keep_mask,
@@ -207,3 +207,99 @@ def test_stage_2_lora_uses_it():
     apply_lora(holder, cfg)
     drops = [d for m in holder.language_model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
     assert len(drops) == 14 and all(isinstance(d, ComputeDtypeDropout) and d.p == 0.05 for d in drops)
+
+
+# ---------------------------------------------------------------- the folded LoRA Linear (fused_elementwise)
+def _fold(model: nn.Module, autocast: bool) -> int:
+    from bunny.model.fused import fuse_elementwise
+
+    return fuse_elementwise(model, torch.bfloat16 if autocast else None).get("LoRA Linear", 0)
+
+
+def _max_err(got: dict, want: dict) -> float:
+    return max(float((got[n].float() - want[n].float()).abs().max()) for n in want)
+
+
+@pytest.mark.parametrize("base_dtype, autocast", [(torch.float32, False), (torch.bfloat16, True),
+                                                  (torch.float32, True)])
+def test_the_folded_lora_linear_trains_like_peft_forward(base_dtype, autocast):
+    peft_model = _lora_llama(base_dtype)
+    use_compute_dtype_dropout(peft_model)
+    folded = copy.deepcopy(peft_model)
+    assert _fold(folded, autocast) == 14
+    ids = torch.randint(0, 64, (3, 23))
+    loss_a, grads_a = _loss_and_grads(peft_model, ids, autocast)  # the same seed: the same masks in both
+    loss_b, grads_b = _loss_and_grads(folded, ids, autocast)
+    if not autocast:
+        assert torch.isclose(loss_a, loss_b, rtol=1e-5)
+        assert _max_err(grads_b, grads_a) <= 1e-5 * max(float(g.abs().max()) for g in grads_a.values())
+        return
+    # bf16: the two round at different places; the folded one must be no farther from float32 maths
+    reference = copy.deepcopy(peft_model).float()
+    loss_r, grads_r = _loss_and_grads(reference, ids, False)
+    assert abs(loss_b - loss_r) <= 1.25 * abs(loss_a - loss_r) + 1e-3
+    assert _max_err(grads_b, grads_r) <= 1.25 * _max_err(grads_a, grads_r) + 1e-4
+
+
+def test_the_folded_lora_linear_adds_in_one_gemm_and_replays_under_checkpointing():
+    model = _lora_llama(torch.bfloat16)
+    use_compute_dtype_dropout(model)
+    _fold(model, True)
+    plain = copy.deepcopy(model)
+    model.base_model.model.activation_checkpointing_enable({"use_reentrant": False})
+    model.enable_input_require_grads()
+    ids = torch.randint(0, 64, (2, 17))
+    loss_a, grads_a = _loss_and_grads(plain, ids, True)
+    loss_b, grads_b = _loss_and_grads(model, ids, True)
+    assert torch.equal(loss_a, loss_b) and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+    from torch.profiler import profile
+
+    peft_q = _lora_llama(torch.bfloat16).base_model.model.model.layers[0].self_attn.q_proj.eval()
+    q = plain.base_model.model.model.layers[0].self_attn.q_proj.eval()
+    x = torch.randn(2, 17, 64).to(torch.bfloat16)
+    calls = {}
+    for name, module in (("peft", peft_q), ("folded", q)):
+        with profile() as prof, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            module(x)
+        calls[name] = {e.key: e.count for e in prof.key_averages()}
+    assert calls["peft"].get("aten::mul") == 1 and calls["peft"].get("aten::add") == 1  # * scaling, result +
+    assert "aten::mul" not in calls["folded"] and "aten::add" not in calls["folded"]
+    assert "aten::addmm" in calls["folded"]  # base output + scaling * lora_B's product, one GEMM
+
+
+def test_the_folded_lora_linear_hands_other_calls_to_peft():
+    model = _lora_llama(torch.float32)
+    model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"]))
+    use_compute_dtype_dropout(model)
+    reference = copy.deepcopy(model).eval()
+    _fold(model, False)
+    model.eval()
+    ids = torch.randint(0, 64, (2, 9))
+
+    def same(**kwargs) -> bool:
+        with torch.no_grad():
+            return torch.allclose(model(input_ids=ids, **kwargs).logits, reference(input_ids=ids, **kwargs).logits,
+                                  rtol=1e-5, atol=1e-6)
+
+    assert same()
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    from torch.profiler import profile
+
+    def folded_call() -> bool:
+        with profile() as prof, torch.no_grad():
+            q(torch.randn(2, 5, 64))
+        return any(e.key == "aten::addmm" for e in prof.key_averages())
+
+    assert folded_call()
+    q.lora_B["default"].weight.ds_id = 7  # as DeepSpeed marks a partitioned parameter: its hooks must run
+    assert not folded_call()
+    del q.lora_B["default"].weight.ds_id
+    for m in (model, reference):  # two active adapters on q_proj: peft's loop
+        m.base_model.set_adapter(["default", "other"])
+    assert same()
+    assert same(adapter_names=["default", "other"])  # a mixed-adapter batch
+    for m in (model, reference):
+        m.base_model.set_adapter("default")
+        m.merge_adapter()
+    assert same()
+    assert "forward" in vars(q) and q.merged and not folded_call()  # switched, yet merged: peft's forward

@@ -15,7 +15,10 @@ with ``benchmarks/bench_fused.py`` (one process, steps interleaved): stage 1 1.2
 The attention blocks (on ``bunny_sdpa``) came later: their rotary embedding, ten eager passes over q and k
 forward, is one compiled pass that also writes q and k as the float32 ``(B, H, T, D)`` tensors
 ``grouped_attention`` reads (1.09x more in stage 1, ``--lever rotary``). A block hands anything else
-(a KV cache, long keys, attention dropout) to its class's own forward.
+(a KV cache, long keys, attention dropout) to its class's own forward. peft's LoRA Linears (stage 2) came
+last and compile nothing: their forward is folded (``_lora_forward``: the LoRA product added to the base
+output by one ``addmm`` whose ``alpha`` carries LoRA's scaling and the dropout's scale), which drops
+peft's full-width multiply, rounding and add (``--lever lora-linear``).
 
 Only modules that compute the standard maths are switched, and each kind is checked once against its
 own eager forward and backward on a random input before it is used; anything else (Gemma's ``1 + w``
@@ -119,6 +122,48 @@ def _attention_forward(self: torch.nn.Module, hidden_states: torch.Tensor,
     return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1)), None
 
 
+def _lora_forward(self: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft's LoRA Linear (``base(x) + lora_B(lora_A(dropout(x))) * scaling``) in fewer passes: the dropout's
+    0/1 mask without its scale, then one ``addmm`` that adds ``lora_B``'s product to the base output with
+    LoRA's scaling and the dropout's scale as its ``alpha``. peft multiplies the full-width output by
+    ``scaling``, rounds it and adds it in separate passes, and the dropout scales its full-width input;
+    here the GEMM does both in its float32 accumulator. The same maths, rounded once instead of three times.
+
+    Anything else takes peft's forward: several active adapters, ``adapter_names`` batches, merged or
+    disabled adapters, a LoRA bias, DeepSpeed-partitioned weights (their gather hooks are on the
+    modules this bypasses), and an input ``lora_A`` cannot take as it is."""
+    names = self.active_adapters
+    name = names[0] if len(names) == 1 else None
+    kind = x.device.type
+    autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+    if (args or kwargs or name not in self.lora_A or self.disable_adapters or self.merged
+            or self.lora_B[name].bias is not None or hasattr(self.lora_B[name].weight, "ds_id")
+            or not (autocast or x.dtype == self.lora_A[name].weight.dtype)):
+        return type(self).forward(self, x, *args, **kwargs)
+    from bunny.model import lora_dropout
+
+    result = self.base_layer(x)
+    alpha = float(self.scaling[name])
+    p = float(getattr(self.lora_dropout[name], "p", 0.0))
+    h = x
+    if self.training and p > 0:
+        if lora_dropout.fast_mask_for(x, p):
+            mask, scale = lora_dropout.keep_mask(x.shape, p, x.dtype, x.device)
+            h, alpha = x * mask, alpha * scale
+        else:
+            h = self.lora_dropout[name](x)
+    h = self.lora_A[name](h)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
+                      self.lora_B[name].weight.t(), alpha=alpha)
+    return out.view(result.shape)
+
+
+def _is_lora_linear(module: torch.nn.Module) -> bool:
+    from bunny.model.lora_dropout import is_plain_lora_linear
+
+    return is_plain_lora_linear(module)
+
+
 def _is_rms_norm(module: torch.nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     return (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.dim() == 1
@@ -163,6 +208,7 @@ _KINDS: dict[str, tuple[Callable[[torch.nn.Module], bool], Callable[..., Any], C
     "RMSNorm": (_is_rms_norm, _norm_forward, _call),
     "SiLU MLP": (_is_silu_mlp, _mlp_forward, _call),
     "rotary attention": (_is_rotary_attention, _attention_forward, _call_attention),
+    "LoRA Linear": (_is_lora_linear, _lora_forward, _call),
 }
 
 
@@ -192,14 +238,16 @@ def _agrees(module: torch.nn.Module, fused: Callable[..., Any], autocast_dtype: 
     gen = torch.Generator().manual_seed(0)
     # in the weights' dtype, as the residual stream is in training: the graph compiled here is the one used
     x = torch.randn(2, 7, int(width), generator=gen).to(weight.device, weight.dtype)
-    probe = torch.randn(x.shape, generator=gen).to(weight.device)  # a norm's plain sum of squares has ~0 gradient
+    # a norm's plain sum of squares has ~0 gradient: weigh the output by a random probe of its own shape
+    def probe(y: torch.Tensor) -> torch.Tensor:
+        return torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device)
 
     def run(forward: Callable[..., Any], target: torch.nn.Module, inp: torch.Tensor,
             dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
         xi = inp.clone().requires_grad_(True)
         with _autocast(weight.device.type, dtype):
             y = call(forward, target, xi)
-        (y.float() * probe[..., :y.shape[-1]]).sum().backward(inputs=[xi])
+        (y.float() * probe(y)).sum().backward(inputs=[xi])
         return y.detach().float(), xi.grad.float()
 
     was_training = module.training

@@ -111,8 +111,8 @@ class TrainConfig:
     (bunny/model/attention.py); or exactly one of sdpa, eager, flash_attention_2, bunny_sdpa."""
     fused_elementwise: bool | Literal["auto"] = "auto"
     """Compile only the LLM's RMSNorms, SiLU-gated MLP products, attention blocks' rotary embeddings (on
-    ``bunny_sdpa``, CPU) and the loss's cross-entropy into fused kernels (matmuls stay eager;
-    bunny/model/fused.py). auto = on for a CPU run (one process or DDP) of
+    ``bunny_sdpa``, CPU) and the loss's cross-entropy into fused kernels (matmuls stay eager), and fold
+    each peft LoRA Linear into one ``addmm`` (bunny/model/fused.py). auto = on for a CPU run (one process or DDP) of
     an LLM at least 512 wide, where the one-off compile (5-25 s) pays back within a few steps; true also
     on a GPU (inductor + triton), DeepSpeed or FSDP, none of them measured here."""
     trust_remote_code: bool = False

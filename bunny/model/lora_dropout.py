@@ -59,6 +59,11 @@ def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype, device: torch.dev
     return mask, _LEVELS / (_LEVELS - dropped)
 
 
+def fast_mask_for(x: torch.Tensor, p: float) -> bool:
+    """Whether :func:`keep_mask` serves a dropout of ``p`` on ``x`` (its device, p's size, x's dtype)."""
+    return x.device.type in FAST_DEVICES and p >= MIN_FAST_P and x.dtype in (torch.float32, *_ONE_BITS)
+
+
 class ComputeDtypeDropout(nn.Module):
     """The dropout of one LoRA adapter, with peft's input cast folded in (see the module docstring).
 
@@ -85,9 +90,7 @@ class ComputeDtypeDropout(nn.Module):
             x = x.to(weight_dtype)
         if not self.training or self.p == 0:
             return x
-        fast = (x.device.type in FAST_DEVICES and self.p >= MIN_FAST_P
-                and dt in (torch.float32, *_ONE_BITS) and x.dtype in (dt, torch.float32))
-        if not fast:
+        if not (fast_mask_for(x, self.p) and dt in (torch.float32, *_ONE_BITS) and x.dtype in (dt, torch.float32)):
             return F.dropout(x.to(weight_dtype), self.p, True)  # peft's path
         mask, scale = keep_mask(x.shape, self.p, dt, x.device)
         if x.dtype == dt:
@@ -98,13 +101,20 @@ class ComputeDtypeDropout(nn.Module):
         return f"p={self.p}, in lora_A's compute dtype"
 
 
-def _plain_lora_linears(model: nn.Module):
-    """peft's plain LoRA Linears: not quantized, and no adapter with DoRA or another variant (a variant
-    calls peft's input cast itself, so that cast must stay on)."""
-    from peft.tuners.lora.layer import Linear
+def is_plain_lora_linear(module: nn.Module) -> bool:
+    """peft's plain LoRA Linear: not quantized, and no adapter with DoRA or another variant (a variant
+    calls peft's input cast itself, so that cast must stay on), over an ``nn.Linear``."""
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError:
+        return False
+    return (type(module) is Linear and not getattr(module, "lora_variant", None)
+            and type(module.base_layer) is nn.Linear)
 
+
+def _plain_lora_linears(model: nn.Module):
     for module in model.modules():
-        if type(module) is Linear and not getattr(module, "lora_variant", None):
+        if is_plain_lora_linear(module):
             yield module
 
 
