@@ -168,7 +168,7 @@ def test_no_function_over_100_lines():
 MODEL_LAYERS = [
     ["files", "hub", "gguf"],
     ["vision", "vision.base", "vision.s2", "vision.clip", "vision.siglip", "vision.eva_clip", "projectors",
-     "language", "minicpm", "attention", "fused"],
+     "language", "minicpm", "attention", "fused", "lora_dropout"],
     ["modeling", "processing"],
     ["special_tokens", "generation"],
     ["finish"],
