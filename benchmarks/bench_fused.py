@@ -54,9 +54,10 @@ def main() -> None:
                    help="frozen weights (the shipped recipe configs use bfloat16)")
     p.add_argument("--lever", choices=["all", "modules", "loss", "rotary", "attention", "lora-dropout", "lora-linear"],
                    default="all",
-                   help="what the baseline copy takes back: all the fusion, only the norms + MLPs + attention "
-                        "blocks, only the loss, only the attention blocks' compiled rotary, or (fusion kept "
-                        "on both) the grouped attention")
+                   help="what the baseline copy takes back: all the fusion, only the fused modules (norms, "
+                        "MLPs, attention blocks, LoRA Linears), only the loss, only the attention blocks' "
+                        "compiled rotary, or (the rest kept on both) the grouped attention, bunny's LoRA "
+                        "dropout, or the folded LoRA Linear")
     p.add_argument("--mfu", action="store_true",
                    help="after each of bunny's steps, probe the bf16 matmul rate at the step's GEMM shapes for "
                         "~0.5 s, and report bunny's MFU against the probe next to each step")

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from bunny.model import attention
+from bunny.model import attention, lora_dropout
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +134,10 @@ def _lora_forward(self: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: 
     modules this bypasses), and an input ``lora_A`` cannot take as it is."""
     names = self.active_adapters
     name = names[0] if len(names) == 1 else None
-    kind = x.device.type
-    autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
     if (args or kwargs or name not in self.lora_A or self.disable_adapters or self.merged
             or self.lora_B[name].bias is not None or hasattr(self.lora_B[name].weight, "ds_id")
-            or not (autocast or x.dtype == self.lora_A[name].weight.dtype)):
+            or not (lora_dropout.autocasting(x.device.type) or x.dtype == self.lora_A[name].weight.dtype)):
         return type(self).forward(self, x, *args, **kwargs)
-    from bunny.model import lora_dropout
-
     result = self.base_layer(x)
     alpha = float(self.scaling[name])
     p = float(getattr(self.lora_dropout[name], "p", 0.0))
@@ -156,12 +152,6 @@ def _lora_forward(self: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: 
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
                       self.lora_B[name].weight.t(), alpha=alpha)
     return out.view(result.shape)
-
-
-def _is_lora_linear(module: torch.nn.Module) -> bool:
-    from bunny.model.lora_dropout import is_plain_lora_linear
-
-    return is_plain_lora_linear(module)
 
 
 def _is_rms_norm(module: torch.nn.Module) -> bool:
@@ -208,7 +198,7 @@ _KINDS: dict[str, tuple[Callable[[torch.nn.Module], bool], Callable[..., Any], C
     "RMSNorm": (_is_rms_norm, _norm_forward, _call),
     "SiLU MLP": (_is_silu_mlp, _mlp_forward, _call),
     "rotary attention": (_is_rotary_attention, _attention_forward, _call_attention),
-    "LoRA Linear": (_is_lora_linear, _lora_forward, _call),
+    "LoRA Linear": (lora_dropout.is_plain_lora_linear, _lora_forward, _call),
 }
 
 

@@ -25,8 +25,8 @@ needs ``trust_remote_code``; with the port a MiniCPM-2B folder loads offline wit
 were trained on it; ``qwen1.5`` keeps Bunny's own template as the released Bunny-Qwen1.5 models did.
 ``smollm2`` (HF's SmolLM2, the LLM of nanoVLM; often at hand as a ``.gguf`` file, see
 ``bunny.model.gguf``) is Llama with ChatML: name it explicitly, a ``llama`` config defaults to ``llama-3``.
-``generic`` loads any other ``AutoModelForCausalLM`` folder; it uses remote code only when the user
-passes ``trust_remote_code=True``.
+``generic`` loads any other ``AutoModelForCausalLM`` folder; a folder's own Python code runs only when the
+user turns on the ``trust_remote_code`` flag (``--trust-remote-code``; off by default).
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ device than the CPU (CUDA's dropout is one fused kernel already; not measured he
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,9 +47,7 @@ def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype, device: torch.dev
     """A 0/1 ``dtype`` mask of ``shape`` keeping each element with probability ``1 - round(p * 65536) /
     65536``, from the default generator (four 16-bit draws per 64-bit word), and the scale that keeps
     the expectation (``1 / keep``)."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     dropped = round(p * _LEVELS)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2 ** 63), None)
     draws = words.view(torch.int16)[:n].view(shape)  # each uniform on [-32768, 32767]
@@ -57,6 +57,11 @@ def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype, device: torch.dev
     else:
         mask = keep.to(dtype)
     return mask, _LEVELS / (_LEVELS - dropped)
+
+
+def autocasting(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` here (a Linear then computes in its dtype)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def fast_mask_for(x: torch.Tensor, p: float) -> bool:
@@ -79,9 +84,8 @@ class ComputeDtypeDropout(nn.Module):
 
     def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype ``lora_A``'s matmul runs in for this input."""
-        kind = x.device.type
-        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-            return torch.get_autocast_dtype(kind)  # autocast casts a Linear's floating inputs, whatever they are
+        if autocasting(x.device.type):  # autocast casts a Linear's floating inputs, whatever they are
+            return torch.get_autocast_dtype(x.device.type)
         return self._lora_a[0].weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
